@@ -1,0 +1,122 @@
+"""The one place that talks to ``torch.distributed``.
+
+Everything that crosses processes (feature gathers for the loss, embedding gathers for
+evaluation, counters) goes through these helpers, so losses and metrics stay plain tensor code
+and behave identically on one process (where every helper is the identity).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and _LocalOnly.depth == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_sizes(n: int, device: torch.device | None = None) -> list[int]:
+    """Number of rows each rank holds (ranks may hold different counts, e.g. a last partial batch)."""
+    if not is_distributed():
+        return [n]
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+def _all_gather_padded(x: Tensor, sizes: list[int]) -> Tensor:
+    # all_gather needs equal shapes: pad every rank to the largest row count, then trim.
+    max_rows = max(sizes)
+    if x.shape[0] < max_rows:
+        pad = x.new_zeros((max_rows - x.shape[0], *x.shape[1:]))
+        x = torch.cat([x, pad])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's rows; backward sums the incoming gradient over ranks and keeps
+    this rank's rows.
+
+    Summing is what makes the result exact under DDP: each rank's loss depends on every rank's
+    features, so the gradient a rank owes its own features is the sum over all ranks' losses;
+    DDP then averages parameter gradients, which cancels the 1/N of a rank-replicated loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+        ctx.sizes = sizes
+        ctx.rank = rank()
+        return _all_gather_padded(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def all_gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """Gather rows from all ranks (sizes may differ) keeping autograd.
+
+    Returns the concatenated tensor and the offset of this rank's rows inside it.
+    """
+    if not is_distributed():
+        return x, 0
+    sizes = gather_sizes(x.shape[0], x.device)
+    return _GatherWithGrad.apply(x, sizes), sum(sizes[: rank()])
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: Tensor) -> Tensor:
+    """Gather rows from all ranks (sizes may differ), for evaluation and bookkeeping."""
+    if not is_distributed():
+        return x
+    return _all_gather_padded(x, gather_sizes(x.shape[0], x.device))
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_gather_object(obj) -> list:
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _LocalOnly:
+    depth = 0
+
+
+def local_only():
+    """Context in which the helpers above act as on one process (e.g. a per-rank validation
+    loss, where ranks may run different numbers of batches and must not wait on each other)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _ctx():
+        _LocalOnly.depth += 1
+        try:
+            yield
+        finally:
+            _LocalOnly.depth -= 1
+
+    return _ctx()

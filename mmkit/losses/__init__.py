@@ -1,0 +1,3 @@
+from mmkit.losses.contrastive import ClipLoss, SigLipLoss
+
+__all__ = ["ClipLoss", "SigLipLoss"]
