@@ -1,0 +1,93 @@
+"""The dual-encoder contract shared by every tower family.
+
+``forward(images, texts)`` returns ``image_features``, ``text_features`` (L2-normalised),
+``logit_scale`` (already exponentiated) and, for SigLIP-style models, ``logit_bias``; with the
+MLP similarity head it also returns ``pair_logits``, which losses use instead of the scaled dot
+product.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmkit.models.freezing import is_fully_frozen, lock_tower
+from mmkit.models.heads import MLPSimilarityHead
+
+# CLIP clamps the learnable inverse temperature at 100 so the logits cannot blow up.
+MAX_LOGIT_SCALE = 100.0
+
+
+class DualEncoder(nn.Module):
+    """Base class: subclasses provide ``image_tower``/``text_tower`` and the raw encoders."""
+
+    image_tower: nn.Module
+    text_tower: nn.Module
+
+    def __init__(self, embed_dim: int, similarity: str = "cosine") -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        if similarity not in ("cosine", "mlp"):
+            raise ValueError(f"similarity must be 'cosine' or 'mlp', got {similarity!r}")
+        self.similarity_head = MLPSimilarityHead(embed_dim) if similarity == "mlp" else None
+
+    # -- subclasses --------------------------------------------------------------------------
+    def _encode_image(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _encode_text(self, texts) -> Tensor:
+        raise NotImplementedError
+
+    def _log_scale(self) -> nn.Parameter:
+        raise NotImplementedError
+
+    def _bias(self) -> Tensor | None:
+        return None
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write weights in a format the tower family's own library loads (safetensors)."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        f = self._encode_image(images)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, texts, normalize: bool = True) -> Tensor:
+        f = self._encode_text(texts)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def forward(self, images: Tensor, texts) -> dict[str, Tensor]:
+        out: dict = {
+            "image_features": self.encode_image(images),
+            "text_features": self.encode_text(texts),
+            "logit_scale": self._log_scale().exp(),
+        }
+        bias = self._bias()
+        if bias is not None:
+            out["logit_bias"] = bias
+        if self.similarity_head is not None:
+            out["pair_logits"] = self.similarity_head
+        return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
+        self._log_scale().clamp_(0, math.log(max_scale))
+
+    def lock(self, lock_image: bool, image_unlocked_layers: int, lock_text: bool, text_unlocked_layers: int):
+        if lock_image:
+            lock_tower(self.image_tower, image_unlocked_layers)
+        if lock_text:
+            lock_tower(self.text_tower, text_unlocked_layers)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A fully locked tower stays in eval mode: no dropout noise, no BatchNorm drift.
+        for tower in (self.image_tower, self.text_tower):
+            if mode and is_fully_frozen(tower):
+                tower.eval()
+        return self

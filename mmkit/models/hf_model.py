@@ -1,0 +1,98 @@
+"""Hugging Face towers: any vision and text ``AutoModel`` from a local folder, with linear
+projection heads into a shared embedding space."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mmkit.models.dual_encoder import DualEncoder
+
+
+def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-6)
+
+
+class HFDualEncoder(DualEncoder):
+    def __init__(
+        self,
+        vision: nn.Module,
+        text: nn.Module,
+        embed_dim: int,
+        text_pooling: str = "mean",
+        init_temperature: float = 0.07,
+        init_logit_bias: float | None = None,
+        similarity: str = "cosine",
+    ) -> None:
+        super().__init__(embed_dim, similarity)
+        self.vision = vision
+        self.text = text
+        self.text_pooling = text_pooling
+        self.image_proj = nn.Linear(_hidden_size(vision.config), embed_dim, bias=False)
+        self.text_proj = nn.Linear(_hidden_size(text.config), embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+
+    @property
+    def image_tower(self) -> nn.Module:  # type: ignore[override]
+        return self.vision
+
+    @property
+    def text_tower(self) -> nn.Module:  # type: ignore[override]
+        return self.text
+
+    def _encode_image(self, images: Tensor) -> Tensor:
+        out = self.vision(pixel_values=images)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = out.last_hidden_state[:, 0]
+        elif pooled.dim() > 2:  # conv backbones pool to [B, C, 1, 1]
+            pooled = pooled.flatten(1)
+        return self.image_proj(pooled)
+
+    def _encode_text(self, texts: dict[str, Tensor]) -> Tensor:
+        out = self.text(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"])
+        if self.text_pooling == "cls":
+            pooled = out.last_hidden_state[:, 0]
+        else:
+            pooled = _mean_pool(out.last_hidden_state, texts["attention_mask"])
+        return self.text_proj(pooled)
+
+    def _log_scale(self):
+        return self.logit_scale
+
+    def _bias(self):
+        return self.logit_bias
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Each tower as a transformers folder (``AutoModel.from_pretrained``) plus the heads."""
+        out = Path(out_dir)
+        self.vision.save_pretrained(out / "vision", safe_serialization=True)
+        self.text.save_pretrained(out / "text", safe_serialization=True)
+        heads = {
+            "image_proj.weight": self.image_proj.weight,
+            "text_proj.weight": self.text_proj.weight,
+            "logit_scale": self.logit_scale,
+        }
+        if self.logit_bias is not None:
+            heads["logit_bias"] = self.logit_bias
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(out / "heads.safetensors"))
+        (out / "mmkit_dual_encoder.json").write_text(
+            json.dumps({"embed_dim": self.embed_dim, "text_pooling": self.text_pooling}, indent=2)
+        )
+        return out
+
+
+def _hidden_size(config) -> int:
+    for attr in ("projection_dim", "hidden_size", "dim", "d_model"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    if getattr(config, "hidden_sizes", None):  # ResNet/ConvNeXt-style backbones
+        return int(config.hidden_sizes[-1])
+    raise ValueError(f"cannot tell the output width of {type(config).__name__}")

