@@ -1,0 +1,92 @@
+"""Watches the bad-sample counts that mmkit batches carry during training: logs them, shows the
+first reasons, and stops the run when too much of the data is unusable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from mmkit import distributed
+from mmkit.data.bad_samples import BadSampleTracker
+
+
+class BadSampleCallback(Callback):
+    """Adds up ``num_skipped`` over training batches on all ranks and raises ``BadDataError`` when
+    the skipped fraction exceeds the limit.
+
+    Counts are summed over ranks every ``check_every_n_steps`` batches and at epoch end, so every
+    rank reaches the same verdict at the same step (one rank raising alone would hang DDP).
+
+    Args:
+        max_bad_fraction: Largest tolerated skipped fraction; default: the datamodule's
+            ``max_bad_fraction`` (0.05 if it has none).
+        min_samples: Do not judge before this many samples were seen (over all ranks).
+        check_every_n_steps: Batches between count syncs, checks and logs.
+        num_reasons: Skip reasons kept and printed.
+    """
+
+    def __init__(
+        self,
+        max_bad_fraction: float | None = None,
+        min_samples: int = 100,
+        check_every_n_steps: int = 50,
+        num_reasons: int = 5,
+    ) -> None:
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples = min_samples
+        self.check_every_n_steps = check_every_n_steps
+        self.tracker = BadSampleTracker(max_reasons=num_reasons)  # totals over all ranks
+        self._local = BadSampleTracker(max_reasons=num_reasons)  # this rank, since the last sync
+        self._printed = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.tracker.reset()
+        self._local.reset()
+        self._printed = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if isinstance(batch, dict) and "num_skipped" in batch:
+            self._local.update(batch)
+        if (batch_idx + 1) % self.check_every_n_steps == 0:
+            self._sync(pl_module)
+            pl_module.log_dict(
+                {"data/skipped": float(self.tracker.skipped), "data/skipped_fraction": self.tracker.fraction},
+                on_step=True, on_epoch=False,
+            )
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
+        pl_module.log_dict(
+            {"data/skipped": float(self.tracker.skipped), "data/skipped_fraction": self.tracker.fraction},
+            on_step=False, on_epoch=True,
+        )
+        new = self.tracker.reasons[self._printed:]
+        if new:
+            rank_zero_info(
+                f"{self.tracker.skipped} of {self.tracker.seen} samples skipped so far "
+                f"({self.tracker.fraction:.2%}). First reasons:\n  " + "\n  ".join(new)
+            )
+            self._printed = len(self.tracker.reasons)
+        self._check(trainer)
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        counts = torch.tensor([self._local.seen, self._local.skipped], dtype=torch.long, device=pl_module.device)
+        counts = distributed.all_reduce_sum(counts).tolist()
+        reasons = self._local.reasons
+        if self.tracker.max_reasons > len(self.tracker.reasons):  # gather only while reasons are still wanted
+            reasons = [r for rank_reasons in distributed.all_gather_object(reasons) for r in rank_reasons]
+        self.tracker.add(seen=counts[0], skipped=counts[1], reasons=reasons)
+        self._local.reset()
+
+    def _check(self, trainer: L.Trainer) -> None:
+        limit = self.max_bad_fraction
+        if limit is None:
+            limit = getattr(trainer.datamodule, "max_bad_fraction", 0.05) if trainer.datamodule is not None else 0.05
+        self.tracker.check(limit, self.min_samples)

@@ -1,0 +1,143 @@
+"""Image–text pairs listed in a CSV/TSV or JSONL manifest, images on disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from mmkit.data.sample import BadSample, clean_caption, decode_image, make_sample
+from mmkit.data.sources._columns import require_columns
+
+_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+_JSONL = {".jsonl", ".ndjson"}
+
+
+class ManifestDataset(Dataset):
+    """Map-style dataset over a manifest file with one image–caption pair per row.
+
+    Rows that share an image path share an ``image_id`` (several captions of one image). In JSONL
+    a caption field may also hold a list of captions: each becomes its own sample.
+
+    Args:
+        path: The manifest: ``.csv``, ``.tsv``/``.tab`` (delimiter from the extension) or ``.jsonl``.
+        image_column: Column holding the image path.
+        caption_column: Column holding the caption text.
+        label_column: Optional column with a class label (integers, or names mapped to
+            indices in sorted order and listed in ``class_names``). Empty cells give -1.
+        image_root: Folder that relative image paths resolve against; default: the manifest's folder.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        label_column: str | None = None,
+        image_root: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(self.path))
+        columns, records = self._read(self.path)
+        require_columns(self.path, columns, image_column=image_column, caption_column=caption_column,
+                        label_column=label_column)
+
+        # Flatten to parallel lists: cheap to index and to share with forked workers.
+        self._images: list[str | None] = []
+        self._captions: list[Any] = []
+        self._lines: list[int] = []
+        raw_labels: list[Any] = []
+        for line, rec in records:
+            if rec is None:  # unparsable JSONL line: keep it so it is reported and counted, not hidden
+                rec = {}
+            captions = rec.get(caption_column)
+            for caption in captions if isinstance(captions, list) else [captions]:
+                self._images.append(rec.get(image_column))
+                self._captions.append(caption)
+                self._lines.append(line)
+                raw_labels.append(rec.get(label_column) if label_column else None)
+        self._labels, self.class_names = _encode_labels(raw_labels)
+        self._image_ids = _ids_by_path([self._resolve(p) for p in self._images])
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
+        where = f"{self.path} row {index} (line {self._lines[index]})"
+        caption = clean_caption(self._captions[index])
+        if caption is None:
+            return BadSample(f"{where}: empty or missing caption")
+        rel = self._images[index]
+        if not isinstance(rel, str) or not rel.strip():
+            return BadSample(f"{where}: empty or missing image path")
+        image = decode_image(self._resolve(rel), rel)
+        if isinstance(image, str):
+            return BadSample(f"{where}: {image}")
+        return make_sample(image, caption, index, self._image_ids[index], self._labels[index])
+
+    def _resolve(self, rel: Any) -> str | None:
+        if not isinstance(rel, str):
+            return None
+        return rel if os.path.isabs(rel) else os.path.join(self.image_root, rel)
+
+    @staticmethod
+    def _read(path: str) -> tuple[list[str], list[tuple[int, dict | None]]]:
+        """Column names and (line number, record) pairs; a JSONL line that is not valid JSON gives None."""
+        ext = os.path.splitext(path)[1].lower()
+        if ext in _JSONL:
+            records: list[tuple[int, dict | None]] = []
+            columns: dict[str, None] = {}
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        rec = None
+                    if not isinstance(rec, dict):
+                        rec = None
+                    else:
+                        columns.update(dict.fromkeys(rec))
+                    records.append((line_no, rec))
+            return list(columns), records
+        if ext in _DELIMITERS:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter=_DELIMITERS[ext])
+                header = list(reader.fieldnames or [])
+                records = []
+                for rec in reader:
+                    records.append((reader.line_num, rec))
+            return header, records
+        raise ValueError(
+            f"{path}: unsupported manifest extension {ext!r}; use one of "
+            f"{', '.join(sorted([*_DELIMITERS, *_JSONL]))}"
+        )
+
+
+def _ids_by_path(paths: list[str | None]) -> list[int]:
+    """Dense image ids in first-seen order; rows without a path get their own id."""
+    ids: dict[str, int] = {}
+    out = []
+    for p in paths:
+        if p is None:
+            out.append(len(ids))
+            ids[f"\0{len(out)}"] = out[-1]  # unique placeholder so later ids stay dense
+        else:
+            out.append(ids.setdefault(os.path.normpath(p), len(ids)))
+    return out
+
+
+def _encode_labels(raw: list[Any]) -> tuple[list[int], list[str] | None]:
+    """Integer labels as they are; string labels mapped to sorted class indices; missing -> -1."""
+    present = [r for r in raw if r is not None and str(r).strip() != ""]
+    try:
+        return [int(r) if r is not None and str(r).strip() != "" else -1 for r in raw], None
+    except (TypeError, ValueError):
+        pass
+    class_names = sorted({str(r).strip() for r in present})
+    lookup = {name: i for i, name in enumerate(class_names)}
+    return [lookup[str(r).strip()] if r is not None and str(r).strip() != "" else -1 for r in raw], class_names
