@@ -1,0 +1,8 @@
+"""Lightning callbacks: throughput, the end-of-run report, embedding export, bad-sample tracking."""
+
+from mmkit.callbacks.bad_samples import BadSampleCallback
+from mmkit.callbacks.embedding_writer import EmbeddingWriter
+from mmkit.callbacks.report import RunReport, write_report
+from mmkit.callbacks.throughput import Throughput
+
+__all__ = ["BadSampleCallback", "EmbeddingWriter", "RunReport", "Throughput", "write_report"]
