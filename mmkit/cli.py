@@ -1,0 +1,90 @@
+"""``mmkit fit|validate|test|predict --config recipes/....yaml`` and ``mmkit export``.
+
+A LightningCLI over every mmkit module and data module: the recipe YAML names classes by
+``class_path`` and ``--print_config`` shows every knob. Run-time values never go in YAML: the
+model's transforms and tokenizer are linked into the data module when both are instantiated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Offline by construction: nothing may be fetched from a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
+from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
+from mmkit.callbacks.throughput import Throughput  # noqa: E402
+from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
+from mmkit.modules.base import DualEncoderModule  # noqa: E402
+
+
+class MMKitCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(
+            "model", "data.init_args.preprocessing", compute_fn=lambda m: m.preprocessing, apply_on="instantiate"
+        )
+        # Always-on callbacks, configurable under their own keys in the recipe.
+        parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(BadSampleCallback, "bad_samples")
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="run `test` after `fit` when the data has a test split")
+        parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def after_fit(self) -> None:
+        dm = self.datamodule
+        if self._get(self.config, "test_after_fit") and getattr(dm, "test", None) is not None:
+            self.trainer.test(self.model, datamodule=dm)
+
+    def before_predict(self) -> None:
+        if not any(isinstance(c, EmbeddingWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(EmbeddingWriter())
+
+
+def export(argv: list[str]) -> None:
+    """``mmkit export --config RECIPE --ckpt_path CKPT --out DIR``: write a checkpoint's model in
+    its native loadable format (open_clip local-dir or transformers folders)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="mmkit export", description=export.__doc__)
+    ap.add_argument("--config", required=True, action="append")
+    ap.add_argument("--ckpt_path", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cli_args = [a for c in args.config for a in ("--config", c)]
+    cli = MMKitCLI(
+        DualEncoderModule, ImageTextDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        auto_configure_optimizers=False, run=False, args=cli_args,
+    )
+    module = cli.model
+    module.configure_model()
+    ckpt = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    out = module.model.export(Path(args.out))
+    print(f"mmkit: exported {args.ckpt_path} to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        export(argv[1:])
+        return
+    MMKitCLI(
+        DualEncoderModule,
+        ImageTextDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()

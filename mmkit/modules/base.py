@@ -1,0 +1,256 @@
+"""The one shared base of mmkit's LightningModules: a dual encoder trained on image–text batches.
+
+It owns what every technique needs: building the model in ``configure_model`` (so FSDP/DeepSpeed
+can shard it), the manual optimisation step (exact chunked accumulation, gradient clipping,
+non-finite-loss skipping, temperature clamping), retrieval / zero-shot evaluation, embedding
+prediction and export. A technique subclass provides ``compute_loss`` and whatever else is its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from mmkit import distributed as D
+from mmkit.metrics.retrieval import RetrievalMetrics
+from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier
+from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
+from mmkit.models.spec import ModelSpec
+from mmkit.modules.grad_cache import chunked_backward
+from mmkit.modules.optim import param_groups, warmup_cosine
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class DualEncoderModule(L.LightningModule):
+    """Shared training/evaluation machinery (see module docstring).
+
+    Args:
+        model: the model spec (towers, locking, similarity head).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms, biases, embeddings, temperature).
+        betas: AdamW betas (CLIP uses 0.9, 0.98).
+        eps: AdamW epsilon.
+        warmup_steps: linear warmup length in optimizer steps.
+        min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
+        grad_clip_norm: clip the global gradient norm to this (None: no clipping).
+        accumulate_chunks: split each batch into this many chunks for exact accumulation with a
+            chunk's activation memory (the loss still sees the whole batch's negatives). Use this,
+            not the Trainer's ``accumulate_grad_batches``, for batch-level losses.
+        max_logit_scale: clamp of the learnable inverse temperature (CLIP: 100).
+        max_consecutive_nonfinite: skip steps whose loss is NaN/inf; stop after this many in a row.
+        zero_shot_classes: class names for zero-shot accuracy on labelled eval splits.
+        zero_shot_templates: prompt templates with ``{}`` for the class name.
+        export_dir: where to write the trained model at the end of ``fit`` (default:
+            ``<log_dir>/export``); an empty string disables the export.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        grad_clip_norm: float | None = 1.0,
+        accumulate_chunks: int = 1,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
+        max_consecutive_nonfinite: int = 5,
+        zero_shot_classes: list[str] | None = None,
+        zero_shot_templates: list[str] | None = None,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.spec = model
+        self.model: DualEncoder | None = None
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.grad_clip_norm = grad_clip_norm
+        self.accumulate_chunks = accumulate_chunks
+        self.max_logit_scale = max_logit_scale
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.zero_shot_classes = zero_shot_classes
+        self.zero_shot_templates = zero_shot_templates or ["a photo of a {}.", "{}"]
+        self.export_dir = export_dir
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+        self._retrieval = {"val": RetrievalMetrics(), "test": RetrievalMetrics()}
+        self._zeroshot = {"val": ZeroShotAccuracy(), "test": ZeroShotAccuracy()}
+        self._classifier: Tensor | None = None
+        self.save_hyperparameters(ignore=["model", "loss"])
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is None:  # idempotent: Lightning may call it more than once
+            self.model = self.spec.build()
+
+    @property
+    def preprocessing(self):
+        """Transforms and tokenizer of the model, linked into the data module by the CLI."""
+        return self.spec.preprocessing
+
+    def forward(self, images: Tensor, texts) -> dict[str, Tensor]:
+        return self.model(images, texts)
+
+    # -- training ----------------------------------------------------------------------------
+    def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """Named ``*_loss`` terms from the model outputs of the whole batch."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if batch["images"].shape[0] == 0 and D.world_size() == 1:
+            return None  # every sample of this batch was bad (counted by the data layer)
+        opt = self.optimizers()
+        terms = chunked_backward(
+            self.model,
+            lambda **out: self.compute_loss(out, batch),
+            batch["images"],
+            batch["texts"],
+            self.accumulate_chunks,
+            self.manual_backward,
+            self._no_sync,
+        ) if self.accumulate_chunks > 1 else self._plain_backward(batch)
+        total = sum(terms.values()).detach()
+
+        if not self._all_ranks_finite(total):
+            self._skip_step(opt, terms)
+            return total
+        self._consecutive_nonfinite = 0
+        if self.grad_clip_norm:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        self.model.clamp_logit_scale(self.max_logit_scale)
+        self._log_train(terms, total, batch)
+        return total
+
+    def _plain_backward(self, batch: dict) -> dict[str, Tensor]:
+        terms = self.compute_loss(self.model(batch["images"], batch["texts"]), batch)
+        self.manual_backward(sum(terms.values()))
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _no_sync(self):
+        ddp = self.trainer.strategy.model if self._trainer is not None else None
+        return ddp.no_sync() if hasattr(ddp, "no_sync") else contextlib.nullcontext()
+
+    def _all_ranks_finite(self, total: Tensor) -> bool:
+        # All ranks must agree to skip, or DDP would deadlock on the next all-reduce.
+        bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=total.device)
+        return D.all_reduce_sum(bad).item() == 0
+
+    def _skip_step(self, opt, terms: dict[str, Tensor]) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), rank_zero_only=True)
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            raise NonFiniteLossError(
+                f"loss was non-finite for {self._consecutive_nonfinite} consecutive steps "
+                f"(last at global step {self.global_step}, batch {self.trainer.fit_loop.batch_idx}); "
+                f"non-finite terms on this rank: {bad or 'none (another rank)'}; "
+                "lower the learning rate or check the data"
+            )
+
+    def _log_train(self, terms: dict[str, Tensor], total: Tensor, batch: dict) -> None:
+        bs = int(batch["images"].shape[0])
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=bs, sync_dist=False)
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        scale = self.model._log_scale().exp().detach()
+        self.log("train/temperature", 1.0 / scale, batch_size=bs)
+        self.log("train/logit_scale", scale, batch_size=bs)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True, batch_size=bs)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._prepare_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._prepare_eval("test")
+
+    def _prepare_eval(self, split: str) -> None:
+        self._retrieval[split] = self._retrieval[split].to(self.device)
+        self._retrieval[split].reset()
+        self._zeroshot[split] = self._zeroshot[split].to(self.device)
+        self._zeroshot[split].reset()
+        self._classifier = None
+        if self.zero_shot_classes:
+            tokenize = self.preprocessing.tokenize
+
+            def encode(prompts: list[str]) -> Tensor:
+                tokens = tokenize(prompts)
+                tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(self.device)
+                return self.model.encode_text(tokens)
+
+            with torch.no_grad():
+                self._classifier = build_zeroshot_classifier(self.zero_shot_classes, self.zero_shot_templates, encode)
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        if batch["images"].shape[0] == 0:
+            return
+        out = self.model(batch["images"], batch["texts"])
+        with D.local_only():  # ranks may run different numbers of eval batches
+            terms = self.compute_loss(out, batch)
+        bs = int(batch["images"].shape[0])
+        self.log(f"{split}/loss", sum(terms.values()), batch_size=bs, sync_dist=True)
+        self._retrieval[split].update(out["image_features"], out["text_features"], batch["image_id"], batch.get("index"))
+        if self._classifier is not None and "label" in batch:
+            self._zeroshot[split].update(out["image_features"], batch["label"], self._classifier)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        metrics = self._retrieval[split].compute()
+        if self._classifier is not None:
+            metrics.update({f"zeroshot_{k}": v for k, v in self._zeroshot[split].compute().items()})
+        for name, value in metrics.items():
+            # Already identical on every rank (computed over the gathered split).
+            self.log(f"{split}/{name}", value.float(), rank_zero_only=False, sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- prediction --------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """Normalised image and text embeddings with each row's index (written by
+        ``mmkit.callbacks.EmbeddingWriter``)."""
+        return {
+            "image_features": self.model.encode_image(batch["images"]).float(),
+            "text_features": self.model.encode_text(batch["texts"]).float(),
+            "index": batch["index"],
+            "image_id": batch["image_id"],
+        }
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = param_groups(self.model, self.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = warmup_cosine(opt, self.warmup_steps, total, self.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- export ------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.export_dir == "" or not self.trainer.is_global_zero:
+            return
+        out = Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export")
+        self.model.export(out)
+        print(f"mmkit: exported the trained model to {out}")

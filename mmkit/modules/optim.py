@@ -1,0 +1,53 @@
+"""Optimizer parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Parameters that should not be pulled towards zero: norms' gains, biases, the temperature /
+# logit bias, and embedding tables (positional, class and token embeddings).
+_NO_DECAY_NAME_PARTS = ("bias", "logit_scale", "logit_bias", "embedding", "ln_", "norm", ".bn", "positional")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
+        for p in m.parameters(recurse=False)
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # locked towers never reach the optimizer
+        exempt = (
+            p.ndim < 2
+            or id(p) in embedding_params
+            or id(p) in norm_params
+            or any(part in name for part in _NO_DECAY_NAME_PARTS)
+        )
+        (no_decay if exempt else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from ~0 to the base LR over ``warmup_steps`` optimizer steps, then cosine
+    decay to ``min_lr_ratio`` × base LR at ``total_steps``."""
+    total_steps = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,77 @@
+"""One CLIPPretrain training step + validation under a real Lightning Trainer; saves rank 0's
+gradients (after DDP's all-reduce) and validation metrics.
+
+    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES NODE_RANK]
+
+Run by tests/modules/test_ddp_exactness.py: Lightning's `ddp` strategy relaunches this script
+for the other ranks (or, with NUM_NODES=2, the test starts one process per "node").
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from mmkit import CLIPPretrain
+from mmkit.data import ImageTextDataModule, SyntheticShapes
+from mmkit.losses import ClipLoss, SigLipLoss
+from mmkit.models import OpenCLIP
+
+ARCH = str(Path(__file__).parents[1] / "models" / "tiny_test_arch.json")
+
+
+class SaveGrads(L.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == 0 and trainer.global_step == 0:
+            grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+            torch.save(grads, self.out / "grads.pt")
+
+
+def main() -> None:
+    out, devices, batch, loss_name = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    num_nodes = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    losses = {"clip": ClipLoss(), "clip_local": ClipLoss(local_loss=True), "siglip": SigLipLoss()}
+    spec = OpenCLIP(ARCH, init_logit_bias=-5.0 if loss_name == "siglip" else None)
+    module = CLIPPretrain(spec, loss=losses[loss_name], warmup_steps=1, grad_clip_norm=None, export_dir="")
+    module.configure_model()  # same initial weights on every rank and in the 1-process run
+    dm = ImageTextDataModule(
+        train=SyntheticShapes(64, seed=0, image_size=16),
+        val=SyntheticShapes(21, seed=1, image_size=16),  # uneven across ranks on purpose
+        batch_size=batch,
+        eval_batch_size=4,
+        train_augment=False,  # random crops would differ between 1 and 2 processes
+    )
+    dm.set_preprocessing(spec.preprocessing)
+    world = devices * num_nodes
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if world > 1 else "auto",
+        precision="64-true",
+        max_steps=1,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[SaveGrads(out)],
+        default_root_dir=out,
+    )
+    trainer.fit(module, datamodule=dm)
+    if trainer.global_rank == 0:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/loss"))}
+        torch.save({"metrics": metrics, "world": trainer.world_size}, out / "metrics.pt")
+
+
+if __name__ == "__main__":
+    main()
