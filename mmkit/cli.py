@@ -7,6 +7,7 @@ model's transforms and tokenizer are linked into the data module when both are i
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -48,26 +49,41 @@ class MMKitCLI(LightningCLI):
 
 
 def export(argv: list[str]) -> None:
-    """``mmkit export --config RECIPE --ckpt_path CKPT --out DIR``: write a checkpoint's model in
-    its native loadable format (open_clip local-dir or transformers folders)."""
+    """``mmkit export --config RECIPE --ckpt_path CKPT --out DIR [--model.… overrides]``: write a
+    checkpoint's model in its native loadable format (open_clip local-dir or transformers
+    folders). Only the recipe's ``model`` section is used: no data needs to exist."""
     import argparse
 
+    import yaml
+    from jsonargparse import ArgumentParser
+
     ap = argparse.ArgumentParser(prog="mmkit export", description=export.__doc__)
-    ap.add_argument("--config", required=True, action="append")
+    ap.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable, merged in order)")
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    cli_args = [a for c in args.config for a in ("--config", c)]
-    cli = MMKitCLI(
-        DualEncoderModule, ImageTextDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        auto_configure_optimizers=False, run=False, args=cli_args,
-    )
-    module = cli.model
+    args, overrides = ap.parse_known_args(argv)
+    model_cfg: dict = {}
+    for path in args.config:
+        section = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
+        if section.get("class_path") not in (None, model_cfg.get("class_path")):
+            model_cfg = {}
+        model_cfg = _merge(model_cfg, section)
+    parser = ArgumentParser(prog="mmkit export")
+    parser.add_subclass_arguments(DualEncoderModule, "model", required=True)
+    cfg = parser.parse_args(["--model", json.dumps(model_cfg), *overrides])
+    module = parser.instantiate_classes(cfg).model
     module.configure_model()
     ckpt = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
     out = module.model.export(Path(args.out))
     print(f"mmkit: exported {args.ckpt_path} to {out}")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,13 +85,9 @@ class OpenCLIP(ModelSpec):
         self.image_size = image_size
 
     def _build(self) -> DualEncoder:
-        return self._built[0]
-
-    @cached_property
-    def _built(self):
         from mmkit.models.open_clip_model import build_open_clip
 
-        return build_open_clip(
+        model, _, _ = build_open_clip(
             self.arch,
             self.pretrained,
             self.text_hf_model,
@@ -100,6 +96,7 @@ class OpenCLIP(ModelSpec):
             self.similarity,
             self.image_size,
         )
+        return model
 
     @cached_property
     def preprocessing(self) -> Preprocessing:

@@ -22,6 +22,7 @@ from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
 from mmkit.modules.grad_cache import chunked_backward
 from mmkit.modules.optim import param_groups, warmup_cosine
+from mmkit.modules.sharding import full_state_dict, is_sharded, shard_dual_encoder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,8 +91,11 @@ class DualEncoderModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is None:  # idempotent: Lightning may call it more than once
-            self.model = self.spec.build()
+        if self.model is not None:  # idempotent: Lightning may call it more than once
+            return
+        self.model = self.spec.build()
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
+            shard_dual_encoder(self.model, self.device_mesh["data_parallel"])
 
     @property
     def preprocessing(self):
@@ -249,8 +253,16 @@ class DualEncoderModule(L.LightningModule):
 
     # -- export ------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
-        if self.export_dir == "" or not self.trainer.is_global_zero:
+        if self.export_dir == "":
+            return
+        model = self.model
+        if is_sharded(model):
+            state = full_state_dict(model)  # a collective: every rank takes part
+            if self.trainer.is_global_zero:
+                model = self.spec.build()  # an unsharded copy to write from
+                model.load_state_dict(state)
+        if not self.trainer.is_global_zero:
             return
         out = Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export")
-        self.model.export(out)
+        model.export(out)
         print(f"mmkit: exported the trained model to {out}")

@@ -5,28 +5,34 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from mmkit.cli import main
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "default.yaml"
 
 
+SMALL = [
+    # 32-pixel images keep this test around a minute on 2 CPU cores.
+    "--model.init_args.model.init_args.image_size", "32",
+    "--data.init_args.train.init_args.image_size", "32",
+    "--data.init_args.val.init_args.size", "200",
+    "--data.init_args.val.init_args.image_size", "32",
+    "--data.init_args.test.init_args.size", "200",
+    "--data.init_args.test.init_args.image_size", "32",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
 @pytest.mark.slow
-def test_default_recipe_learns_and_reports(tmp_path):
+def test_default_recipe_learns_reports_and_serves_the_other_subcommands(tmp_path):
     run = tmp_path / "run"
     main([
-        "fit", "--config", str(RECIPE),
+        "fit", "--config", str(RECIPE), *SMALL,
         "--trainer.max_steps", "60", "--trainer.val_check_interval", "60",
         "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
-        "--trainer.enable_progress_bar", "false",
         "--data.init_args.batch_size", "64",
-        # 32-pixel images keep this test around a minute on 2 CPU cores.
-        "--model.init_args.model.init_args.image_size", "32",
-        "--data.init_args.train.init_args.image_size", "32",
-        "--data.init_args.val.init_args.image_size", "32",
-        "--data.init_args.test.init_args.image_size", "32",
-        "--data.init_args.val.init_args.size", "200",
-        "--data.init_args.test.init_args.size", "200",
         "--model.init_args.warmup_steps", "10",
     ])
     metrics = json.loads((run / "report" / "metrics.json").read_text())
@@ -38,3 +44,22 @@ def test_default_recipe_learns_and_reports(tmp_path):
     assert (run / "export" / "open_clip_model.safetensors").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert "test/i2t_R@1" in (run / "metrics.csv").read_text()
+
+    # The checkpoint serves `test`, `predict` and `export` through the same recipe.
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    again = tmp_path / "again"
+    common = ["--config", str(RECIPE), *SMALL, "--trainer.default_root_dir", str(again),
+              "--trainer.logger.init_args.save_dir", str(again), "--ckpt_path", ckpt]
+    main(["test", *common])
+    retested = (again / "metrics.csv").read_text()
+    assert "test/i2t_R@1" in retested
+    main(["predict", *common, "--data.init_args.predict", json.dumps(
+        {"class_path": "mmkit.data.SyntheticShapes", "init_args": {"size": 30, "seed": 5, "image_size": 32}})])
+    emb = load_file(str(again / "embeddings" / "embeddings_rank0.safetensors"))
+    assert emb["image_features"].shape[0] == 30 and emb["index"].tolist() == list(range(30))
+
+    main(["export", "--config", str(RECIPE), "--ckpt_path", ckpt, "--out", str(tmp_path / "exported"),
+          "--model.init_args.model.init_args.image_size", "32"])
+    a = load_file(str(tmp_path / "exported" / "open_clip_model.safetensors"))
+    b = load_file(str(run / "export" / "open_clip_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

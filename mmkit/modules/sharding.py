@@ -1,0 +1,40 @@
+"""FSDP2 sharding of a dual encoder, applied in ``configure_model`` under Lightning's
+``ModelParallelStrategy`` (which provides the device mesh)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    # Every layer of every layer stack (transformer blocks of both towers, HF encoder layers).
+    out: list[nn.Module] = []
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList) and len(child) > 1:
+            out.extend(child)
+    return out
+
+
+def shard_dual_encoder(model: nn.Module, mesh) -> nn.Module:
+    """Shard each transformer block separately (so only one block's full weights exist at a time
+    during forward/backward), then the remaining parameters (embeddings, heads, temperature) as
+    one group at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The unsharded state dict on every rank (a collective: call it on all ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
