@@ -1,10 +1,12 @@
 """One CLIPPretrain training step + validation under a real Lightning Trainer; saves rank 0's
 gradients (after DDP's all-reduce) and validation metrics.
 
-    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES NODE_RANK]
+    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES]
 
-Run by tests/modules/test_ddp_exactness.py: Lightning's `ddp` strategy relaunches this script
-for the other ranks (or, with NUM_NODES=2, the test starts one process per "node").
+Run by tests/modules/test_ddp_exactness.py (Lightning's `ddp` strategy relaunches this script
+for the other ranks) and by tests/launch/test_multinode.py (with NUM_NODES=2 the test starts one
+process per "node" with NODE_RANK/LOCAL_RANK/MASTER_* set, as an external launcher would; and
+under torchrun).
 """
 
 import sys
@@ -70,7 +72,8 @@ def main() -> None:
     trainer.fit(module, datamodule=dm)
     if trainer.global_rank == 0:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/loss"))}
-        torch.save({"metrics": metrics, "world": trainer.world_size}, out / "metrics.pt")
+        env = type(getattr(trainer.strategy, "cluster_environment", None)).__name__  # who set the ranks
+        torch.save({"metrics": metrics, "world": trainer.world_size, "env": env}, out / "metrics.pt")
 
 
 if __name__ == "__main__":
