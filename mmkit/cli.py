@@ -39,6 +39,11 @@ class MMKitCLI(LightningCLI):
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def after_fit(self) -> None:
+        # A finished fit makes SLURM preemption checkpoints stale; left in place, Lightning would
+        # load them for the test below and for any rerun of the job script.
+        if self.trainer.is_global_zero:
+            remove_hpc_checkpoints(self.trainer.default_root_dir)
+        self.trainer.strategy.barrier("mmkit_after_fit")
         dm = self.datamodule
         if self._get(self.config, "test_after_fit") and getattr(dm, "test", None) is not None:
             self.trainer.test(self.model, datamodule=dm)
@@ -46,6 +51,14 @@ class MMKitCLI(LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(c, EmbeddingWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
+
+
+def remove_hpc_checkpoints(root: str | Path) -> list[Path]:
+    removed = sorted(Path(root).glob("hpc_ckpt_*.ckpt"))
+    for path in removed:
+        path.unlink()
+        print(f"mmkit: fit finished; removed the preemption checkpoint {path}")
+    return removed
 
 
 def export(argv: list[str]) -> None:

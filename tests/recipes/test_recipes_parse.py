@@ -40,3 +40,13 @@ def test_unknown_key_in_recipe_is_rejected(tmp_path, capsys):
         main(["fit", "--config", str(bad), "--print_config"])
     assert exit_info.value.code != 0
     assert "warmup_stepz" in capsys.readouterr().err
+
+
+def test_finished_fit_removes_stale_preemption_checkpoints(tmp_path):
+    from mmkit.cli import remove_hpc_checkpoints
+
+    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt", "last.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_hpc_checkpoints(tmp_path)
+    assert [p.name for p in removed] == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
