@@ -22,7 +22,7 @@ from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
 from mmkit.modules.grad_cache import chunked_backward
 from mmkit.modules.optim import param_groups, warmup_cosine
-from mmkit.modules.sharding import full_state_dict, is_sharded, shard_dual_encoder
+from mmkit.modules.sharding import average_replicated_grads, full_state_dict, is_sharded, shard_dual_encoder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,10 +91,10 @@ class DualEncoderModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:  # idempotent: Lightning may call it more than once
-            return
-        self.model = self.spec.build()
-        if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2
+        # Idempotent: Lightning may call it more than once, and the model may be built earlier.
+        if self.model is None:
+            self.model = self.spec.build()
+        if self.device_mesh is not None and not is_sharded(self.model):  # ModelParallelStrategy: FSDP2
             shard_dual_encoder(self.model, self.device_mesh["data_parallel"])
 
     @property
@@ -129,6 +129,8 @@ class DualEncoderModule(L.LightningModule):
             self._skip_step(opt, terms)
             return total
         self._consecutive_nonfinite = 0
+        if is_sharded(self.model):
+            average_replicated_grads(self.model)
         if self.grad_clip_norm:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()

@@ -1,7 +1,9 @@
 """One CLIPPretrain training step + validation under a real Lightning Trainer; saves rank 0's
 gradients (after DDP's all-reduce) and validation metrics.
 
-    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES]
+    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES [STRATEGY]]
+
+STRATEGY is ``ddp`` (default) or ``fsdp`` (FSDP2 through ModelParallelStrategy, the CPU route).
 
 Run by tests/modules/test_ddp_exactness.py (Lightning's `ddp` strategy relaunches this script
 for the other ranks) and by tests/launch/test_multinode.py (with NUM_NODES=2 the test starts one
@@ -28,14 +30,30 @@ class SaveGrads(L.Callback):
         self.out = out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if trainer.global_rank == 0 and trainer.global_step == 0:
-            grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+        if trainer.global_step != 0:
+            return
+        # FSDP gradients are sharded DTensors: gathering them is a collective on every rank.
+        grads = {
+            n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in pl_module.model.named_parameters()
+            if p.grad is not None
+        }
+        if trainer.global_rank == 0:
             torch.save(grads, self.out / "grads.pt")
+
+
+def _strategy(name: str, devices: int):
+    if name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    return name
 
 
 def main() -> None:
     out, devices, batch, loss_name = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     num_nodes = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    strategy_name = sys.argv[6] if len(sys.argv) > 6 else "ddp"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     losses = {"clip": ClipLoss(), "clip_local": ClipLoss(local_loss=True), "siglip": SigLipLoss()}
@@ -55,8 +73,9 @@ def main() -> None:
         accelerator="cpu",
         devices=devices,
         num_nodes=num_nodes,
-        strategy="ddp" if world > 1 else "auto",
-        precision="64-true",
+        strategy=_strategy(strategy_name, devices) if world > 1 else "auto",
+        # ModelParallelStrategy refuses float64; its runs (and their 1-process reference) use float32.
+        precision="32-true" if strategy_name == "fsdp" else "64-true",
         max_steps=1,
         val_check_interval=1,
         check_val_every_n_epoch=None,
