@@ -49,6 +49,8 @@ class ClipLoss(nn.Module):
         tile_size: int | None = None,
     ) -> None:
         super().__init__()
+        if tile_size is not None and label_smoothing:
+            raise ValueError("ClipLoss: label_smoothing is not supported with tile_size (the tiled loss is exact InfoNCE)")
         self.local_loss = local_loss
         self.gather = gather
         self.label_smoothing = label_smoothing
