@@ -135,9 +135,9 @@ class DualEncoderModule(L.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()
         self.model.clamp_logit_scale(self.max_logit_scale)
-        self._log_train(terms, total, batch)
+        self._log_train(terms, total, batch)  # before the scheduler moves on: logs the LR this step used
+        self.lr_schedulers().step()
         return total
 
     def _plain_backward(self, batch: dict) -> dict[str, Tensor]:

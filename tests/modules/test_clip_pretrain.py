@@ -186,3 +186,10 @@ def test_predict_writes_embeddings(tiny_arch, tmp_path):
     assert out["image_features"].shape == (20, 16) and out["text_features"].shape == (20, 16)
     assert out["index"].tolist() == list(range(20))
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(20), atol=1e-5)
+
+
+def test_logged_learning_rate_is_the_one_the_step_used(tiny_arch, tmp_path):
+    module = _module(tiny_arch, warmup_steps=4, lr=1.0e-3)
+    trainer, _ = _fit(module, tmp_path, steps=1)
+    # Step 0 of a 4-step linear warmup runs at 1/4 of the peak rate.
+    assert trainer.callback_metrics["train/lr"].item() == pytest.approx(0.25e-3)
