@@ -1,0 +1,266 @@
+"""CLIPPretrain (mmkit fit) vs open_clip's own trainer (open_clip_train) on the same data.
+
+    python benchmarks/clip_vs_open_clip.py [--epochs 6] [--repeats 3] [--threads 1] ...
+
+Prerequisites (both write under the git-ignored benchmarks/_work/):
+    python benchmarks/build_emoji_dataset.py          # Noto Color Emoji pairs, train/val CSVs
+    bash benchmarks/setup_open_clip_venv.sh           # open_clip_torch[training] in its own venv
+
+Both trainers get the same architecture (an mmkit preset), CSVs, batch size, number of optimizer
+steps (E epochs of floor(n_train / B) batches: open_clip drops the last partial batch, so mmkit
+uses ``drop_last: true``), warmup + cosine schedule stepped per batch, AdamW lr / wd / betas /
+eps, grad-norm clip, fp32, one DataLoader worker, seed, and the same torch thread count
+(OMP_NUM_THREADS/MKL_NUM_THREADS and torch.set_num_threads). They run one after the other,
+alternating which goes first, each ``--repeats`` times. Writes ``<out>/results.json`` and
+``<out>/summary.md`` (the table that goes into benchmarks/RESULTS.md).
+
+Speed is reported several ways: (1) the same epoch timer on both (bench_timing.py: wall time
+from epoch start, before the loader workers start, to the last optimizer step), median over
+epochs after the first; (2) each trainer's own per-step number (open_clip's "samples/s" log
+line with --log-every-n-steps 1; mmkit's ``train/samples_per_sec``, a rolling mean over 20
+steps), median after the first 3 steps of each epoch; (3) CPU milliseconds per training sample
+over the same epochs, of the trainer's main thread and of the whole trainer process, which
+other jobs on a shared machine disturb far less than wall time; (4) wall and CPU time of the
+whole run (start-up, training, validation, checkpoints; CPU includes the loader workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = HERE / "_work"
+RECIPE = HERE / "emoji_clip.yaml"
+METRICS = ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")
+OC_KEYS = {"i2t": "image_to_text", "t2i": "text_to_image"}
+STEP_WARMUP = 3  # per-epoch steps left out of the per-step medians (loader start-up)
+
+
+def count_rows(path: Path) -> int:
+    with open(path, newline="", encoding="utf-8") as f:
+        return sum(1 for _ in csv.DictReader(f))
+
+
+def run_logged(cmd: list[str], env: dict, log: Path, cwd: Path) -> float:
+    print(f"$ {' '.join(cmd)}\n  (log: {log})", flush=True)
+    start, ru0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+    # CPU of the whole run: the trainer, its loader workers and everything else it started.
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"wall_s": wall, "run_cpu_s": cpu}
+
+
+def epoch_stats(timing: dict) -> dict:
+    """Medians over epochs (after the first, which also pays one-off warm-up) of wall-clock
+    samples/s and of CPU milliseconds per sample (trainer process, and its main thread)."""
+    epochs = timing["epochs"][1:] if len(timing["epochs"]) > 1 else timing["epochs"]
+    med = lambda f: statistics.median(f(e) for e in epochs)  # noqa: E731
+    return {
+        "epoch_samples_per_sec": med(lambda e: e["samples"] / e["seconds"]),
+        "process_cpu_ms_per_sample": med(lambda e: 1e3 * e["process_cpu_s"] / e["samples"]),
+        "main_thread_cpu_ms_per_sample": med(lambda e: 1e3 * e["main_thread_cpu_s"] / e["samples"]),
+        "epochs": timing["epochs"],
+    }
+
+
+def run_open_clip(a, env, data: Path, run_dir: Path, steps_per_epoch: int, seed: int) -> dict:
+    name = run_dir.name
+    logs = run_dir.parent
+    timing = run_dir.with_suffix(".timing.json")
+    cmd = [
+        a.oc_python, str(HERE / "open_clip_train_launcher.py"),
+        "--threads", str(a.threads), "--timing-json", str(timing), "--",
+        "--train-data", str(data / "train.csv"), "--val-data", str(data / "val.csv"),
+        "--dataset-type", "csv", "--csv-separator", ",",
+        "--csv-img-key", "filepath", "--csv-caption-key", "title",
+        "--model", a.arch, "--batch-size", str(a.batch_size), "--epochs", str(a.epochs),
+        "--lr", str(a.lr), "--wd", str(a.wd), "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
+        "--warmup", str(a.warmup), "--lr-scheduler", "cosine", "--grad-clip-norm", str(a.grad_clip),
+        "--seed", str(seed), "--workers", "1", "--device", "cpu", "--precision", "fp32",
+        "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
+        "--val-frequency", str(a.epochs),
+        # one rolling checkpoint per epoch, as Lightning's default ModelCheckpoint keeps
+        "--save-frequency", "1", "--delete-previous-checkpoint",
+    ]
+    usage = run_logged(cmd, env, run_dir.with_suffix(".console.log"), REPO)
+    results = [json.loads(l) for l in (run_dir / "checkpoints" / "results.jsonl").read_text().splitlines() if l]
+    final = results[-1]
+    metrics = {k: float(final[f"{OC_KEYS[k[:3]]}_R@{k[-1]}"]) for k in METRICS}
+    # "Train Epoch: 3 [ 128/1193 (11%)] Data (t): 0.012 Batch (t): 1.234, 51.8634/s, ..."
+    pat = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/\d+.*?Batch \(t\): [\d.]+, ([\d.]+)/s")
+    per_step = []
+    for line in (run_dir / "out.log").read_text().splitlines():
+        m = pat.search(line)
+        if m and int(m.group(2)) // a.batch_size > STEP_WARMUP:
+            per_step.append(float(m.group(3)))
+    timing_rec = json.loads(timing.read_text())
+    return {
+        "metrics": metrics, "own_samples_per_sec": statistics.median(per_step), **epoch_stats(timing_rec), **usage,
+        "init": timing_rec["init"], "steps": len(timing_rec["epochs"]) * steps_per_epoch,
+        "log_dir": str(run_dir), "command": cmd,
+    }
+
+
+def run_mmkit(a, env, data: Path, run_dir: Path, steps_per_epoch: int, seed: int) -> dict:
+    timing = run_dir.with_suffix(".timing.json")
+    total = steps_per_epoch * a.epochs
+    mmkit = str(Path(sys.executable).with_name("mmkit"))
+    cmd = [
+        mmkit, "fit", "--config", str(RECIPE),
+        "--model.init_args.model.init_args.arch", a.arch,
+        "--model.init_args.lr", str(a.lr), "--model.init_args.weight_decay", str(a.wd),
+        "--model.init_args.warmup_steps", str(a.warmup), "--model.init_args.grad_clip_norm", str(a.grad_clip),
+        "--data.init_args.train.init_args.path", str(data / "train.csv"),
+        "--data.init_args.val.init_args.path", str(data / "val.csv"),
+        "--data.init_args.batch_size", str(a.batch_size), "--data.init_args.seed", str(seed),
+        "--seed_everything", str(seed),
+        "--trainer.max_steps", str(total), "--trainer.max_epochs", str(a.epochs),
+        "--trainer.check_val_every_n_epoch", str(a.epochs),
+        "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
+        "--trainer.callbacks+=bench_timing.EpochTimer", "--trainer.callbacks.path", str(timing),
+        *a.mmkit_arg,
+    ]
+    env = dict(env, PYTHONPATH=str(HERE))  # so the recipe can name bench_timing.EpochTimer
+    usage = run_logged(cmd, env, run_dir.with_suffix(".console.log"), REPO)
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv", newline="")))
+    val = [r for r in rows if r.get("val/i2t_R@1")][-1]
+    metrics = {k: float(val[f"val/{k}"]) for k in METRICS}
+    per_step = [float(r["train/samples_per_sec"]) for r in rows if r.get("train/samples_per_sec")]
+    timing_rec = json.loads(timing.read_text())
+    return {
+        "metrics": metrics, "own_samples_per_sec": statistics.median(per_step), **epoch_stats(timing_rec), **usage,
+        "init": timing_rec["init"], "steps": sum(e["batches"] for e in timing_rec["epochs"]),
+        "log_dir": str(run_dir), "command": cmd,
+    }
+
+
+SPEED = ("epoch_samples_per_sec", "own_samples_per_sec", "main_thread_cpu_ms_per_sample",
+         "process_cpu_ms_per_sample", "wall_s", "non_train_s", "run_cpu_s")
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for key in (*METRICS, *SPEED):
+        vals = [r["metrics"][key] if key in METRICS else r[key] for r in runs]
+        out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
+    return out
+
+
+def fmt(s: dict, scale: float = 1, digits: int = 1) -> str:
+    med, lo, hi = s["median"] * scale, s["min"] * scale, s["max"] * scale
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})" if len(s["values"]) > 1 else f"{med:.{digits}f}"
+
+
+def markdown(summary: dict, config: dict) -> str:
+    oc, mm = summary["open_clip_train"], summary["mmkit"]
+    lines = [
+        "| trainer | i2t R@1 % | i2t R@5 % | t2i R@1 % | t2i R@5 % | samples/s, epoch timer | samples/s, own log "
+        "| main-thread CPU ms/sample | process CPU ms/sample | run wall s | of which not training s | run CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in (("open_clip_train", oc), ("mmkit CLIPPretrain", mm)):
+        lines.append(
+            f"| {name} | " + " | ".join(fmt(s[k], 100) for k in METRICS) + " | "
+            + " | ".join(fmt(s[k], 1, 0 if k in ("wall_s", "non_train_s", "run_cpu_s") else 1) for k in SPEED) + " |"
+        )
+    ratio = lambda k: f"{mm[k]['median'] / oc[k]['median']:.2f}" if oc[k]["median"] else "–"  # noqa: E731
+    lines.append("| ratio mmkit / open_clip | " + " | ".join(ratio(k) for k in (*METRICS, *SPEED)) + " |")
+    lines.append("")
+    lines.append(
+        f"Recall over the {config['n_val']} val pairs (chance R@1 = {100 / config['n_val']:.2f} %, R@5 = "
+        f"{500 / config['n_val']:.2f} %); median of {config['repeats']} runs each, min–max in brackets; "
+        f"{config['total_steps']} optimizer steps of batch {config['batch_size']} "
+        f"({config['epochs']} epochs × {config['steps_per_epoch']}), {config['threads']} torch thread(s), "
+        f"seeds {config['seed']}–{config['seed'] + config['repeats'] - 1} (run r of both trainers uses seed + r)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(WORK / "emoji"))
+    ap.add_argument("--out", default=str(WORK / "clip_vs_open_clip"))
+    ap.add_argument("--oc-python", default=str(WORK / "oc_venv" / "bin" / "python"))
+    ap.add_argument("--arch", default="mmkit-tiny")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--wd", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both (on a shared 2-core machine 1 avoids OpenMP oversubscription)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mmkit-arg", action="append", default=[],
+                    help="extra `mmkit fit` argument for ablations, e.g. --mmkit-arg=--trainer.enable_progress_bar=false")
+    ap.add_argument("--only", choices=("open_clip", "mmkit"), default=None, help="run one trainer (debugging)")
+    a = ap.parse_args()
+
+    data, out = Path(a.data).resolve(), Path(a.out).resolve()
+    for f in ("train.csv", "val.csv"):
+        if not (data / f).exists():
+            sys.exit(f"{data / f} missing: run benchmarks/build_emoji_dataset.py first")
+    if a.only != "mmkit" and not Path(a.oc_python).exists():
+        sys.exit(f"{a.oc_python} missing: run benchmarks/setup_open_clip_venv.sh first")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    n_train, n_val = count_rows(data / "train.csv"), count_rows(data / "val.csv")
+    steps_per_epoch = n_train // a.batch_size
+    config = {
+        **{k: v for k, v in vars(a).items() if k not in ("only",)},
+        "n_train": n_train, "n_val": n_val, "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * a.epochs,
+    }
+    print(json.dumps(config, indent=1), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+
+    runs: dict[str, list[dict]] = {"open_clip_train": [], "mmkit": []}
+    trainers = {"open_clip_train": run_open_clip, "mmkit": run_mmkit}
+    for r in range(a.repeats):
+        order = ["open_clip_train", "mmkit"] if r % 2 == 0 else ["mmkit", "open_clip_train"]
+        for name in order:
+            if a.only and not name.startswith(a.only):
+                continue
+            # Repeat r uses seed + r for both trainers: the same seed gives both the same initial
+            # weights (checked via res["init"]), different seeds show the run-to-run spread.
+            res = trainers[name](a, env, data, out / f"{name}_{r}", steps_per_epoch, a.seed + r)
+            res["seed"] = a.seed + r
+            res["non_train_s"] = res["wall_s"] - sum(e["seconds"] for e in res["epochs"])
+            res["load_avg_after"] = os.getloadavg()
+            runs[name].append(res)
+            brief = {k: res[k] for k in ("metrics", *SPEED, "non_train_s", "steps", "seed", "init", "load_avg_after")}
+            print(f"{name} run {r}: {json.dumps(brief)}", flush=True)
+            (out / "results.json").write_text(json.dumps({"config": config, "runs": runs}, indent=1))
+
+    if a.only:
+        return
+    summary = {name: summarise(rs) for name, rs in runs.items()}
+    (out / "results.json").write_text(json.dumps({"config": config, "runs": runs, "summary": summary}, indent=1))
+    md = markdown(summary, config)
+    (out / "summary.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
