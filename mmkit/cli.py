@@ -100,9 +100,9 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        export(argv[1:])
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] == "export":
+        export(words[1:])
         return
     MMKitCLI(
         DualEncoderModule,
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        args=argv,
+        args=argv,  # None: LightningCLI reads sys.argv itself (and does not warn)
     )
 
 
