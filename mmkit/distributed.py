@@ -7,13 +7,18 @@ and behave identically on one process (where every helper is the identity).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
+_local_only_depth = 0  # > 0 inside ``local_only()``
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and _LocalOnly.depth == 0
+    return dist.is_available() and dist.is_initialized() and _local_only_depth == 0
 
 
 def world_size() -> int:
@@ -102,21 +107,13 @@ def all_gather_object(obj) -> list:
     return out
 
 
-class _LocalOnly:
-    depth = 0
-
-
+@contextlib.contextmanager
 def local_only():
     """Context in which the helpers above act as on one process (e.g. a per-rank validation
     loss, where ranks may run different numbers of batches and must not wait on each other)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def _ctx():
-        _LocalOnly.depth += 1
-        try:
-            yield
-        finally:
-            _LocalOnly.depth -= 1
-
-    return _ctx()
+    global _local_only_depth
+    _local_only_depth += 1
+    try:
+        yield
+    finally:
+        _local_only_depth -= 1
