@@ -29,6 +29,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def loss_total(terms: dict[str, Tensor]) -> Tensor:
+    """Sum of the ``*_loss`` terms; other entries of a loss's dict are statistics, only logged."""
+    return sum(v for k, v in terms.items() if k.endswith("_loss"))
+
+
 class DualEncoderModule(L.LightningModule):
     """Shared training/evaluation machinery (see module docstring).
 
@@ -107,8 +112,15 @@ class DualEncoderModule(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------
     def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        """Named ``*_loss`` terms from the model outputs of the whole batch."""
+        """Named ``*_loss`` terms from the model outputs of the whole batch (other keys are
+        detached statistics, logged but not optimised)."""
         raise NotImplementedError
+
+    def add_penalty_gradients(self) -> dict[str, Tensor]:
+        """Hook for parameter-space penalties (e.g. EWC): add their gradient to ``p.grad`` directly
+        (after the data loss's backward and DDP's all-reduce; the penalty must be the same on every
+        rank) and return their values as named ``*_loss`` terms. Default: none."""
+        return {}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if batch["images"].shape[0] == 0 and D.world_size() == 1:
@@ -123,7 +135,8 @@ class DualEncoderModule(L.LightningModule):
             self.manual_backward,
             self._no_sync,
         ) if self.accumulate_chunks > 1 else self._plain_backward(batch)
-        total = sum(terms.values()).detach()
+        terms.update(self.add_penalty_gradients())
+        total = loss_total(terms).detach()
 
         if not self._all_ranks_finite(total):
             self._skip_step(opt, terms)
@@ -142,7 +155,7 @@ class DualEncoderModule(L.LightningModule):
 
     def _plain_backward(self, batch: dict) -> dict[str, Tensor]:
         terms = self.compute_loss(self.model(batch["images"], batch["texts"]), batch)
-        self.manual_backward(sum(terms.values()))
+        self.manual_backward(loss_total(terms))
         return {k: v.detach() for k, v in terms.items()}
 
     def _no_sync(self):
@@ -160,7 +173,7 @@ class DualEncoderModule(L.LightningModule):
         self._consecutive_nonfinite += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), rank_zero_only=True)
         if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+            bad = [k for k, v in terms.items() if k.endswith("_loss") and not torch.isfinite(v)]
             raise NonFiniteLossError(
                 f"loss was non-finite for {self._consecutive_nonfinite} consecutive steps "
                 f"(last at global step {self.global_step}, batch {self.trainer.fit_loop.batch_idx}); "
@@ -170,8 +183,8 @@ class DualEncoderModule(L.LightningModule):
 
     def _log_train(self, terms: dict[str, Tensor], total: Tensor, batch: dict) -> None:
         bs = int(batch["images"].shape[0])
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, batch_size=bs, sync_dist=False)
+        for name, value in terms.items():  # loss terms and the losses' own statistics
+            self.log(f"train/{name}", value.float(), batch_size=bs, sync_dist=False)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         scale = self.model._log_scale().exp().detach()
         self.log("train/temperature", 1.0 / scale, batch_size=bs)
@@ -209,7 +222,7 @@ class DualEncoderModule(L.LightningModule):
         with D.local_only():  # ranks may run different numbers of eval batches
             terms = self.compute_loss(out, batch)
         bs = int(batch["images"].shape[0])
-        self.log(f"{split}/loss", sum(terms.values()), batch_size=bs, sync_dist=True)
+        self.log(f"{split}/loss", loss_total(terms), batch_size=bs, sync_dist=True)
         self._retrieval[split].update(out["image_features"], out["text_features"], batch["image_id"], batch.get("index"))
         if self._classifier is not None and "label" in batch:
             self._zeroshot[split].update(out["image_features"], batch["label"], self._classifier)

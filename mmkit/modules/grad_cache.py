@@ -75,9 +75,11 @@ def chunked_backward(
     scalars = {k: v.detach().requires_grad_() for k, v in cached[0].items() if k not in _FEATURES}
     with torch.enable_grad():
         terms = loss_fn(**leaves, **scalars)
-        total = sum(terms.values())
+        total = sum(v for k, v in terms.items() if k.endswith("_loss"))  # other keys: statistics
         wrt = list(leaves.values()) + list(scalars.values())
-        grads = dict(zip(list(leaves) + list(scalars), torch.autograd.grad(total, wrt)))
+        # A loss may ignore some outputs (a hinge loss has no temperature): their gradient is zero.
+        raw = torch.autograd.grad(total, wrt, allow_unused=True)
+        grads = {k: torch.zeros_like(t) if g is None else g for k, t, g in zip(list(leaves) + list(scalars), wrt, raw)}
     del cached
 
     offsets = [0]
