@@ -1,13 +1,22 @@
 """mmkit: image–text alignment training on Lightning, from one CPU to GPU clusters."""
 
+import importlib
+
 __version__ = "0.1.0"
-__all__ = ["CLIPPretrain", "__version__"]
+
+# The five techniques, imported on first use: `import mmkit.losses` (e.g. in a spawned worker)
+# should not pay for Lightning.
+_MODULES = {
+    "CLIPPretrain": "mmkit.modules.clip_pretrain",
+    "MetricAlign": "mmkit.modules.metric_align",
+    "AlignGAN": "mmkit.modules.align_gan",
+    "EWCIncremental": "mmkit.modules.ewc_incremental",
+    "KDStudent": "mmkit.modules.kd_student",
+}
+__all__ = [*_MODULES, "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy: `import mmkit.losses` (e.g. in a spawned worker) should not pay for Lightning.
-    if name == "CLIPPretrain":
-        from mmkit.modules import CLIPPretrain
-
-        return CLIPPretrain
+    if name in _MODULES:
+        return getattr(importlib.import_module(_MODULES[name]), name)
     raise AttributeError(f"module 'mmkit' has no attribute {name!r}")
