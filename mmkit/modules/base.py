@@ -260,7 +260,9 @@ class DualEncoderModule(L.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
-        groups = param_groups(self.model, self.weight_decay)
+        # Every trainable parameter of the module: the model's, and a loss's own (e.g. a learned
+        # projection); frozen ones (locked towers, a teacher) are left out by param_groups.
+        groups = param_groups(self, self.weight_decay)
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
         total = int(self.trainer.estimated_stepping_batches)
         sched = warmup_cosine(opt, self.warmup_steps, total, self.min_lr_ratio)
