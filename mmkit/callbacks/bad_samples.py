@@ -42,11 +42,13 @@ class BadSampleCallback(Callback):
         self.tracker = BadSampleTracker(max_reasons=num_reasons)  # totals over all ranks
         self._local = BadSampleTracker(max_reasons=num_reasons)  # this rank, since the last sync
         self._printed = 0
+        self._reported_skipped = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.tracker.reset()
         self._local.reset()
         self._printed = 0
+        self._reported_skipped = 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -68,12 +70,11 @@ class BadSampleCallback(Callback):
             on_step=False, on_epoch=True,
         )
         new = self.tracker.reasons[self._printed:]
-        if new:
-            rank_zero_info(
-                f"{self.tracker.skipped} of {self.tracker.seen} samples skipped so far "
-                f"({self.tracker.fraction:.2%}). First reasons:\n  " + "\n  ".join(new)
-            )
+        if self.tracker.skipped > self._reported_skipped:  # every epoch that skipped anything
+            message = f"{self.tracker.skipped} of {self.tracker.seen} samples skipped so far ({self.tracker.fraction:.2%})."
+            rank_zero_info(message + (" First reasons:\n  " + "\n  ".join(new) if new else ""))
             self._printed = len(self.tracker.reasons)
+            self._reported_skipped = self.tracker.skipped
         self._check(trainer)
 
     def _sync(self, pl_module: L.LightningModule) -> None:

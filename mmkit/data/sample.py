@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
@@ -43,12 +45,35 @@ def decode_image(source: str | os.PathLike | bytes, name: str) -> Image.Image | 
             if os.path.getsize(source) == 0:
                 return f"image {name!r} is empty (0 bytes)"
             fp = source
-        with Image.open(fp) as img:
-            return img.convert("RGB")  # convert() forces the full decode
+        with warnings.catch_warnings():
+            # Between PIL's limit and twice it PIL only warns: a 100-megapixel image would cost
+            # hundreds of MB per worker to decode just to be resized, so it is skipped as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                return to_rgb(img)  # forces the full decode
     except UnidentifiedImageError:
         return f"image {name!r} cannot be decoded (UnidentifiedImageError)"
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         return f"image {name!r} cannot be decoded ({type(e).__name__}: {str(e)[:120]})"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode. Plain ``convert("RGB")`` clips 16-bit and 32-bit integer
+    pixels at 255 (a white image) and truncates float pixels in [0, 1] to 0 (a black one)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(img).astype(np.int64)
+        peak = int(pixels.max(initial=0))
+        if peak > 255:  # rescale the used bit depth (16-bit scans, 12-bit medical images) to 8 bits
+            pixels = pixels * 255 // (65535 if peak > 4095 else 4095)
+        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        pixels = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        if pixels.size and pixels.max() <= 1.0:
+            pixels = pixels * 255.0
+        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL's recommended route for palette transparency (no warning)
+    return img.convert("RGB")
 
 
 def clean_caption(caption: Any) -> str | None:
