@@ -12,11 +12,13 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mmkit.data.sampler import DistributedBatchSampler
+from mmkit.data.workers import SeededCollate, SeededSamples, ignore_stop_signals, seeded_rngs
 
 
 class BatchFetch(Dataset):
     """Dataset view indexed by a list of indices, for a DataLoader with ``batch_size=None`` whose
-    sampler yields whole batches: each worker receives a batch's indices and collates them."""
+    sampler yields whole batches: each worker receives a batch's indices and collates them.
+    Indices that carry a seed (``IndexBatch``) are loaded under it, for exact resume."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -25,7 +27,10 @@ class BatchFetch(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, indices: list[int]) -> list[Any]:
-        return [self.dataset[i] for i in indices]
+        seed = getattr(indices, "seed", None)
+        with seeded_rngs(seed):
+            samples = [self.dataset[i] for i in indices]
+        return samples if seed is None else SeededSamples(samples, seed)
 
 
 class EpochAwareDataLoader(DataLoader):
@@ -72,6 +77,7 @@ def build_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_distributed"):
@@ -80,7 +86,14 @@ def build_loader(
         if hasattr(dataset, "set_epoch"):
             return EpochAwareDataLoader(dataset, batch_size=batch_size, epoch_fn=epoch_fn, **common)
         return DataLoader(dataset, batch_size=batch_size, **common)  # a foreign stream splits itself
+    if drop_last and len(dataset) < batch_size * world_size:
+        raise ValueError(
+            f"batch_size={batch_size} × {world_size} rank(s) = {batch_size * world_size} is larger than the "
+            f"{len(dataset)} samples of {type(dataset).__name__} {getattr(dataset, 'path', '')}".rstrip()
+            + ": with drop_last=True no training batch would be produced; lower data.batch_size or set drop_last: false"
+        )
     sampler = DistributedBatchSampler(
         dataset, batch_size, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
+    common["collate_fn"] = SeededCollate(collate_fn)  # augmentation seeded per batch: exact resume
     return DataLoader(BatchFetch(dataset), sampler=sampler, batch_size=None, **common)

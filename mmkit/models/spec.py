@@ -7,6 +7,7 @@ module at run time), without building any weights for the latter.
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 
 from mmkit.models.dual_encoder import DualEncoder
@@ -88,6 +89,39 @@ class OpenCLIP(ModelSpec):
         self.text_hf_model = text_hf_model
         self.image_size = image_size
         self.augment = augment
+        self._check()
+
+    def _check(self) -> None:
+        """Fail at configuration time, naming the setting, rather than deep inside the first step."""
+        from mmkit.models.open_clip_model import arch_config, resolve_hf_path
+
+        if self.arch.startswith("local-dir:") and not os.path.isfile(os.path.join(self.arch[len("local-dir:"):], "open_clip_config.json")):
+            raise FileNotFoundError(f"OpenCLIP: arch={self.arch!r}: no open_clip_config.json in that folder (an `mmkit export` folder)")
+        try:
+            cfg = arch_config(self.arch)
+        except ValueError as e:
+            raise ValueError(f"OpenCLIP: arch={self.arch!r}: {e}") from None
+        if self.pretrained is not None and not os.path.isfile(self.pretrained):
+            raise FileNotFoundError(
+                f"OpenCLIP: pretrained={self.pretrained!r} is not a file (give a local weights file; mmkit never downloads)"
+            )
+        vision = cfg.get("vision_cfg", {})
+        patch = vision.get("patch_size")
+        if self.image_size is not None and patch and not vision.get("timm_model_name") and self.image_size % patch:
+            raise ValueError(
+                f"OpenCLIP: image_size={self.image_size} is not a multiple of {self.arch}'s patch size {patch}"
+            )
+        if self.text_hf_model is not None:
+            from transformers import AutoConfig
+
+            hf_cfg = AutoConfig.from_pretrained(resolve_hf_path(self.text_hf_model))
+            context = cfg.get("text_cfg", {}).get("context_length", 77)
+            limit = getattr(hf_cfg, "max_position_embeddings", None)
+            if limit is not None and context > limit:
+                raise ValueError(
+                    f"OpenCLIP: {self.arch}'s text context_length {context} exceeds text_hf_model="
+                    f"{self.text_hf_model!r}'s max_position_embeddings {limit}"
+                )
 
     def _build(self) -> DualEncoder:
         from mmkit.models.open_clip_model import build_open_clip
@@ -155,6 +189,32 @@ class HFTowers(ModelSpec):
         self.context_length = context_length
         self.image_size = image_size
         self.text_pooling = text_pooling
+        self._check()
+
+    def _check(self) -> None:
+        """Fail at configuration time, naming the setting (see ``OpenCLIP._check``)."""
+        from transformers import AutoConfig
+
+        from mmkit.models.open_clip_model import resolve_hf_path
+
+        if self.text_pooling not in ("mean", "cls"):
+            raise ValueError(f"HFTowers: text_pooling must be 'mean' or 'cls', got {self.text_pooling!r}")
+        text_cfg = AutoConfig.from_pretrained(resolve_hf_path(self.text_model))
+        limit = getattr(text_cfg, "max_position_embeddings", None)
+        if limit is not None and self.context_length > limit:
+            raise ValueError(
+                f"HFTowers: context_length={self.context_length} exceeds text_model={self.text_model!r}'s "
+                f"max_position_embeddings {limit}"
+            )
+        vision_cfg = AutoConfig.from_pretrained(resolve_hf_path(self.vision_model))
+        vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)
+        native = getattr(vision_cfg, "image_size", None)
+        # Patch-embedding towers (ViT, CLIP vision) have fixed position embeddings for their size.
+        if self.image_size is not None and native is not None and hasattr(vision_cfg, "patch_size") and self.image_size != native:
+            raise ValueError(
+                f"HFTowers: image_size={self.image_size} differs from vision_model={self.vision_model!r}'s "
+                f"image_size {native}, which its position embeddings are built for"
+            )
 
     def _load(self, path: str):
         from transformers import AutoConfig, AutoModel

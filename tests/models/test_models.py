@@ -44,13 +44,13 @@ def test_mlp_similarity_head_is_trained_through_the_loss(tiny_arch):
 
 def test_preset_and_unknown_arch():
     assert OpenCLIP("mmkit-tiny").preprocessing.tokenize(["x"]).shape == (1, 32)
-    with pytest.raises(ValueError, match="unknown open_clip architecture 'no-such-arch'.*mmkit-tiny"):
-        OpenCLIP("no-such-arch").build()
+    with pytest.raises(ValueError, match="arch='no-such-arch': unknown open_clip architecture 'no-such-arch'.*mmkit-tiny"):
+        OpenCLIP("no-such-arch")  # at configuration time, before anything is built
 
 
 def test_missing_pretrained_file_is_a_clear_error(tiny_arch, tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained weights file not found"):
-        OpenCLIP(tiny_arch, pretrained=str(tmp_path / "nope.safetensors")).build()
+    with pytest.raises(FileNotFoundError, match="pretrained='.*nope.safetensors' is not a file"):
+        OpenCLIP(tiny_arch, pretrained=str(tmp_path / "nope.safetensors"))
 
 
 def test_pretrained_local_file_is_loaded(tiny_arch, tmp_path):

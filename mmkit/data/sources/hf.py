@@ -39,6 +39,11 @@ class HFImageTextDataset(Dataset):
         import datasets  # optional dependency (the `hf` extra): only needed when this source is used
 
         self.path = str(path)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(
+                f"HFImageTextDataset: path={self.path!r} is not a folder (a dataset saved with save_to_disk; "
+                "mmkit never downloads datasets)"
+            )
         self.where = self.path if split is None else f"{self.path}[{split}]"
         loaded = datasets.load_from_disk(self.path)
         if isinstance(loaded, datasets.DatasetDict):

@@ -40,6 +40,10 @@ class ManifestDataset(Dataset):
         image_root: str | None = None,
     ) -> None:
         self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"ManifestDataset: path={self.path!r} does not exist (the manifest file)")
+        if image_root is not None and not os.path.isdir(image_root):
+            raise FileNotFoundError(f"ManifestDataset: image_root={image_root!r} is not a folder")
         self.image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(self.path))
         columns, records = self._read(self.path)
         require_columns(self.path, columns, image_column=image_column, caption_column=caption_column,
