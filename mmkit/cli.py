@@ -22,7 +22,9 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
+from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
 from mmkit.callbacks.throughput import Throughput  # noqa: E402
+from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
 
@@ -35,8 +37,24 @@ class MMKitCLI(LightningCLI):
         # Always-on callbacks, configurable under their own keys in the recipe.
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(BadSampleCallback, "bad_samples")
+        parser.add_lightning_class_args(ResumeState, "resume_state")  # RNG states in checkpoints: exact resume
         parser.add_argument("--test_after_fit", type=bool, default=True, help="run `test` after `fit` when the data has a test split")
         parser.set_defaults({"trainer.use_distributed_sampler": False})
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads a given checkpoint's hyperparameters right after parsing: check the file
+        # first, so that a truncated or corrupt one fails with its name, not a bare unpickling error.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            load_checkpoint(ckpt_path, mmap=True)
+
+    def before_fit(self) -> None:
+        # `--ckpt_path last`: the newest checkpoint that loads, skipping (and naming) broken ones;
+        # an explicit path is checked now, so a broken file fails with its name before training.
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer)
 
     def after_fit(self) -> None:
         # A finished fit makes SLURM preemption checkpoints stale; left in place, Lightning would
@@ -86,10 +104,19 @@ def export(argv: list[str]) -> None:
     cfg = parser.parse_args(["--model", json.dumps(model_cfg), *overrides])
     module = parser.instantiate_classes(cfg).model
     module.configure_model()
-    ckpt = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(_checkpoint_state_dict(args.ckpt_path))
     out = module.model.export(Path(args.out))
     print(f"mmkit: exported {args.ckpt_path} to {out}")
+
+
+def _checkpoint_state_dict(path: str) -> dict:
+    """The module state dict of a Lightning ``.ckpt`` file, or of a (sharded) DeepSpeed checkpoint
+    directory, consolidated to full fp32 weights in memory."""
+    from mmkit.modules.deepspeed_support import consolidated_state_dict, is_deepspeed_checkpoint
+
+    if is_deepspeed_checkpoint(path):
+        return consolidated_state_dict(path)
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def _merge(base: dict, update: dict) -> dict:

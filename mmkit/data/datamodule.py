@@ -86,8 +86,9 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_sampler = loader.sampler if isinstance(loader.sampler, DistributedBatchSampler) else None
         if self.train_sampler is not None:
             if self._pending_state is not None:
+                # sets the epoch too: on resume this runs before Lightning restores its epoch count
                 self.train_sampler.load_state_dict(self._pending_state)
-            if self.trainer is not None:
+            elif self.trainer is not None:
                 # Lightning starts the loader (and workers prefetch) before it calls set_epoch
                 self.train_sampler.set_epoch(self.trainer.current_epoch)
         self._pending_state = None
@@ -103,20 +104,42 @@ class ImageTextDataModule(L.LightningDataModule):
         return self._loader(self.predict, train=False) if self.predict is not None else []
 
     def state_dict(self) -> dict[str, Any]:
-        """The train sampler's position (epoch, batches consumed), for mid-epoch resume."""
-        if self.train_sampler is not None:
-            return {"train_sampler": self.train_sampler.state_dict()}
-        return {"train_sampler": self._pending_state} if self._pending_state is not None else {}
+        """The train sampler's position (epoch, batches trained in it), for mid-epoch resume.
+
+        While fitting, the position is the training loop's count of batches trained in this
+        epoch, not the sampler's: DataLoader workers and Lightning prefetch batches that are not
+        trained yet when a checkpoint is written, and a resume must not skip them.
+        """
+        if self.train_sampler is None:
+            return {"train_sampler": self._pending_state} if self._pending_state is not None else {}
+        state = self.train_sampler.state_dict()
+        trained = self._batches_trained_this_epoch()
+        if trained is not None:
+            state["batches_consumed"] = trained
+        return {"train_sampler": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores this before it builds the loaders: keep it until the sampler exists.
+        # Lightning restores this before it builds the loaders: keep it for the sampler that the
+        # next train_dataloader() builds (an existing one, from an earlier fit, is replaced then).
         sampler_state = state_dict.get("train_sampler")
         if sampler_state is None:
             return
         if self.train_sampler is not None:
             self.train_sampler.load_state_dict(sampler_state)
-        else:
-            self._pending_state = sampler_state
+            fit_loop = getattr(self.trainer, "fit_loop", None)
+            if getattr(fit_loop, "_combined_loader", None) is not None:
+                # Strategies that restore after setup (FSDP, DeepSpeed, ModelParallel) built the
+                # loader, and started its iterator, before this: make Lightning build it again.
+                fit_loop._combined_loader = None
+        self._pending_state = sampler_state
+
+    def _batches_trained_this_epoch(self) -> int | None:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit" or self.train_sampler.epoch != trainer.current_epoch:
+            return None
+        # `processed` counts a batch once its training step is done: right in on_train_batch_end
+        # (where step checkpoints are written), after validation and at the epoch's end.
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if self.preprocessing is None:
@@ -126,7 +149,9 @@ class ImageTextDataModule(L.LightningDataModule):
             )
         rank, world_size = self._rank_world()
         collate = ImageTextCollate(
-            self.preprocessing.image_transform(train=train and self.train_augment), self.preprocessing.tokenize
+            self.preprocessing.image_transform(train=train and self.train_augment),
+            self.preprocessing.tokenize,
+            extra_views=self._extra_views(train),
         )
         return build_loader(
             dataset,
@@ -142,6 +167,14 @@ class ImageTextDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             epoch_fn=self._trainer_epoch if isinstance(dataset, IterableDataset) else None,
         )
+
+    def _extra_views(self, train: bool) -> dict | None:
+        # A preprocessing may offer extra named inputs (``extra_views``: name -> preprocessing),
+        # e.g. a distillation teacher's own transform and tokenizer; the collate function then
+        # adds ``<name>_images`` / ``<name>_texts`` to every batch.
+        views = getattr(self.preprocessing, "extra_views", None) or {}
+        augment = train and self.train_augment
+        return {name: (view.image_transform(train=augment), view.tokenize) for name, view in views.items()} or None
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from mmkit import distributed
+from mmkit.data.workers import IndexBatch, batch_seed
 
 
 class DistributedBatchSampler(DistributedSampler):
@@ -26,6 +27,10 @@ class DistributedBatchSampler(DistributedSampler):
     world_size; rank r takes its ``batch_size`` share. The final partial global batch is split
     evenly over ranks (or dropped with ``drop_last``). DataLoader workers each fetch whole
     batches, so worker splitting needs nothing extra.
+
+    Each batch is an ``IndexBatch``: its indices and a seed from (seed, epoch, batch, rank), under
+    which ``BatchFetch`` loads and augments it, so a batch is the same whichever worker loads it
+    and whether or not the run was resumed.
 
     Use it as ``DataLoader(BatchFetch(dataset), sampler=this, batch_size=None)``. Subclassing
     DistributedSampler (and being passed as ``sampler``) is deliberate: Lightning then neither
@@ -78,7 +83,9 @@ class DistributedBatchSampler(DistributedSampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_batches - self._skip()
+        # The whole epoch even when resuming mid-epoch: Lightning restores its count of the batches
+        # already trained in the epoch and stops the epoch when that count reaches this length.
+        return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self._skip()
@@ -93,7 +100,7 @@ class DistributedBatchSampler(DistributedSampler):
         for k in range(start, self.num_batches):
             positions = self._rank_slice(k)
             self._yielded = k + 1
-            yield order[positions.start : positions.stop]
+            yield IndexBatch(order[positions.start : positions.stop], batch_seed(self.seed, self.epoch, k, self.rank))
 
     def _rank_slice(self, k: int) -> range:
         """Positions in the epoch order that global batch k gives this rank."""
@@ -112,8 +119,9 @@ class DistributedBatchSampler(DistributedSampler):
         """Epoch and batches of it handed out so far.
 
         With DataLoader workers the count runs ahead of what training consumed by up to
-        ``num_workers * prefetch_factor`` batches; overwrite ``batches_consumed`` with the training
-        loop's own count before saving when exact resume matters.
+        ``num_workers * prefetch_factor`` batches (+1 that Lightning prefetches); overwrite
+        ``batches_consumed`` with the training loop's own count before saving when exact resume
+        matters (``ImageTextDataModule.state_dict`` does).
         """
         return {
             "epoch": self.epoch,

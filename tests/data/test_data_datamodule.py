@@ -95,7 +95,8 @@ def test_missing_preprocessing_and_state_round_trip():
     dm.load_state_dict({"train_sampler": {"epoch": 3, "batches_consumed": 5, "size": 30, "batch_size": 4,
                                           "world_size": 1, "seed": 0, "num_batches": 8}})
     loader = dm.train_dataloader()
-    assert len(loader) == 3 and dm.train_sampler.epoch == 3
+    assert len(loader) == 8 and dm.train_sampler.epoch == 3  # len: the whole epoch, 3 batches of it left
+    assert len(list(loader)) == 3
     assert all(b["images"].shape[1:] == (3, 32, 32) for b in loader)
     finished = dm.state_dict()
     assert finished["train_sampler"]["batches_consumed"] == 8

@@ -1,0 +1,210 @@
+"""Checkpoint files that survive a crash: atomic writes, ``weights_only`` loading with errors that
+name the file, and finding the newest checkpoint that is complete.
+
+Lightning's own writer serialises to memory and then moves a temporary file from the system's
+temp folder into place; when that folder is on another filesystem (a node-local /tmp, checkpoints
+on NFS or Lustre) the move is a copy, and a job killed during it leaves a truncated checkpoint
+under the final name. Here the temporary file lives next to the target, is fsynced, and replaces
+it with one ``os.replace``: a reader sees the old file or the new one, never a part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never matched by "*.ckpt"
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and why."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``: write a temporary
+    file in the same folder, fsync it, ``os.replace`` it onto ``path``, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)  # the rename itself survives a power loss
+
+
+def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
+    """Point ``link`` at ``target`` (relative to the link's folder) in one ``os.replace``."""
+    link = Path(link)
+    tmp = link.parent / f".{link.name}.{os.getpid()}{TEMP_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened or synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False
+) -> dict[str, Any]:
+    """``torch.load`` that turns every failure into a ``CheckpointLoadError`` naming the file.
+
+    ``weights_only`` (the default) refuses pickled code: an mmkit checkpoint holds only tensors,
+    numbers, strings and containers of them, so anything else is a bug, not a format to support.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    except Exception as e:
+        detail = f"{type(e).__name__}: {_reason(str(e))}"
+        if "Unsupported global" in str(e):  # a class weights_only does not allow, not damage
+            raise CheckpointLoadError(
+                f"checkpoint {path} holds objects that weights_only loading refuses ({detail}); "
+                "checkpoints must contain only tensors, numbers, strings and containers of them"
+            ) from e
+        size = path.stat().st_size
+        raise CheckpointLoadError(
+            f"checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be loaded ({detail})"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointLoadError(
+            f"checkpoint {path} is not a training checkpoint (a {type(ckpt).__name__}, not a dict)"
+        )
+    return ckpt
+
+
+def _reason(message: str) -> str:
+    # torch's weights_only errors open with generic advice (to load with weights_only=False, even
+    # for a damaged file); the line that says what went wrong comes later.
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported" in line:
+            return line[line.index("Unsupported"):]
+    return lines[0] if lines else "no message"
+
+
+def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
+    """Load ``path`` as training would (weights_only) and check it is a Lightning training
+    checkpoint; raise ``CheckpointLoadError`` naming the file otherwise. Memory-maps the tensors,
+    so checking a large checkpoint reads little more than its index."""
+    ckpt = load_checkpoint(path, weights_only=True, mmap=True)
+    missing = [k for k in ("state_dict", "global_step", "loops") if k not in ckpt]
+    if missing:
+        raise CheckpointLoadError(f"checkpoint {path} is not a Lightning training checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def find_resumable_checkpoint(
+    folders: Iterable[str | os.PathLike], recursive: bool = True
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest (by modification time) ``*.ckpt`` under ``folders`` that loads with
+    ``weights_only=True``, and the newer ones skipped with the reason. ``(None, skipped)`` when
+    none is usable. Links (``last.ckpt``) count once, as the file they point at."""
+    seen: dict[Path, float] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in folder.rglob("*.ckpt") if recursive else folder.glob("*.ckpt"):
+            with contextlib.suppress(OSError):
+                real = path.resolve()
+                if real.is_file():
+                    seen[real] = real.stat().st_mtime_ns
+    skipped: list[tuple[Path, str]] = []
+    for path in sorted(seen, key=lambda p: (seen[p], p.name), reverse=True):
+        try:
+            check_resumable(path)
+        except (CheckpointLoadError, OSError) as e:
+            skipped.append((path, str(e)))
+            continue
+        return path, skipped
+    return None, skipped
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` writing local checkpoints with ``atomic_save`` and loading them
+    with ``weights_only=True`` unless told otherwise. Remote paths (s3://, gs://, ...) go through
+    Lightning's writer: an object store replaces an object whole anyway."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None):
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
+
+
+def checkpoint_folders(trainer: Any) -> list[Path]:
+    """Where a run's checkpoints can be: ``trainer.default_root_dir`` (SLURM's hpc_ckpt_*), its
+    ``checkpoints/`` (StepCheckpoint), every checkpoint callback's ``dirpath``, and the folders
+    ModelCheckpoint derives from a logger (``<save_dir>/<name>/<any version>/checkpoints``)."""
+    root = Path(trainer.default_root_dir)
+    folders = [root, root / "checkpoints"]
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "dirpath", None):
+            folders.append(Path(cb.dirpath))
+    for logger in trainer.loggers:
+        base = Path(getattr(logger, "save_dir", None) or root) / (getattr(logger, "name", None) or "")
+        folders += [base / "checkpoints", *base.glob("*/checkpoints")]
+    return list(dict.fromkeys(folders))
+
+
+def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
+    """What ``fit(ckpt_path=...)`` should load. ``"last"``: the newest checkpoint of this run that
+    loads (``find_resumable_checkpoint`` over ``checkpoint_folders``), reporting the broken ones
+    it skipped; None when the run has none yet (a first start and a restart use the same command).
+    A file path is checked first, so a broken file fails with its name before training starts.
+    Other values (None, "best", "hpc", remote URLs) are left to Lightning."""
+    if ckpt_path == "last":
+        path, skipped = find_resumable_checkpoint(checkpoint_folders(trainer), recursive=False)
+        for bad, reason in skipped:
+            _say(f"mmkit: --ckpt_path last: skipped {bad}: {reason}")
+        if path is None:
+            if skipped:
+                raise CheckpointLoadError(
+                    f"--ckpt_path last: no usable checkpoint, {len(skipped)} broken ones skipped (listed above); "
+                    "delete them to start from scratch, or pass --ckpt_path with a good file"
+                )
+            _say(f"mmkit: --ckpt_path last: no checkpoint under {trainer.default_root_dir} yet; starting from scratch")
+            return None
+        _say(f"mmkit: --ckpt_path last: resuming from {path}")
+        return str(path)
+    if ckpt_path and ckpt_path not in ("best", "hpc") and _is_local_file_protocol(ckpt_path):
+        if not Path(ckpt_path).is_dir():  # a folder is a sharded (DeepSpeed, FSDP) checkpoint
+            check_resumable(ckpt_path)
+    return ckpt_path
+
+
+def _say(message: str) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, flush=True)

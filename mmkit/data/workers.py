@@ -1,0 +1,93 @@
+"""What map-style loading needs so a resumed run reproduces an uninterrupted one, whichever worker
+process loads a batch: every batch carries its own seed, and loading and augmenting it run with
+the random number generators seeded from it. Also keeps stop signals away from the workers.
+
+A worker's own RNG depends on a base seed drawn when the loader's iterator is created and on
+which worker gets which batch; both differ after a resume (the iterator starts mid-epoch, in a
+fresh process). A seed from (data seed, epoch, batch, rank) does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class IndexBatch(list):
+    """The indices of one batch (a list, as the sampler yields it) and the seed for loading it."""
+
+    def __init__(self, indices, seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """A well-mixed 63-bit seed from the batch's coordinates."""
+    words = np.random.SeedSequence([seed, epoch, batch, rank]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int | None) -> Iterator[None]:
+    """Run the body with torch's, numpy's and Python's global RNGs seeded from ``seed``, then put
+    back their previous states (so loading in the main process leaves training's RNG untouched).
+    ``None``: no seeding."""
+    if seed is None:
+        yield
+        return
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+
+
+class SeededSamples(list):
+    """The fetched samples of one batch, still carrying the batch's seed to the collate function."""
+
+    def __init__(self, samples, seed: int | None) -> None:
+        super().__init__(samples)
+        self.seed = seed
+
+
+class SeededCollate:
+    """Wraps a collate function (image transforms, augmentation, tokenization) so it runs under the
+    batch's seed (+1: a stream apart from the one loading used).
+
+    Args:
+        collate_fn: The collate function to wrap.
+    """
+
+    def __init__(self, collate_fn: Callable[[list], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list) -> Any:
+        seed = getattr(samples, "seed", None)
+        with seeded_rngs(None if seed is None else seed + 1):
+            return self.collate_fn(samples)
+
+    def __getattr__(self, name: str) -> Any:  # e.g. counters kept by the wrapped function
+        if name == "collate_fn":
+            raise AttributeError(name)
+        return getattr(self.collate_fn, name)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGUSR1 are for the main process, which saves a
+    checkpoint and then shuts its workers down. Schedulers signal a job's whole process group; a
+    worker killed by the signal (or running the trainer's handler it inherited) would fail the
+    step before the checkpoint is written."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
