@@ -20,6 +20,7 @@ from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
+from mmkit.modules import deepspeed_support as ds
 from mmkit.modules.grad_cache import chunked_backward
 from mmkit.modules.optim import param_groups, warmup_cosine
 from mmkit.modules.sharding import average_replicated_grads, full_state_dict, is_sharded, shard_dual_encoder
@@ -95,6 +96,11 @@ class DualEncoderModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "loss"])
 
     # -- model -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # DeepSpeedStrategy only (before it builds the model and engine): clipping and batch size
+        # into its config, no zero.Init. A subclass overriding setup must call super().setup(stage).
+        ds.prepare(self, self.grad_clip_norm)
+
     def configure_model(self) -> None:
         # Idempotent: Lightning may call it more than once, and the model may be built earlier.
         if self.model is None:
@@ -108,7 +114,14 @@ class DualEncoderModule(L.LightningModule):
         return self.spec.preprocessing
 
     def forward(self, images: Tensor, texts) -> dict[str, Tensor]:
-        return self.model(images, texts)
+        """The model's outputs as the loss, evaluation and prediction see them (after ``project``)."""
+        return self.project(self.model(images, texts))
+
+    def project(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Hook: map the model's features before the loss, evaluation and prediction (e.g.
+        MetricAlign's projection head). Gets a dict with ``image_features`` and/or
+        ``text_features``; runs inside each chunk of exact accumulation. Default: unchanged."""
+        return outputs
 
     # -- training ----------------------------------------------------------------------------
     def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
@@ -126,15 +139,18 @@ class DualEncoderModule(L.LightningModule):
         if batch["images"].shape[0] == 0 and D.world_size() == 1:
             return None  # every sample of this batch was bad (counted by the data layer)
         opt = self.optimizers()
-        terms = chunked_backward(
-            self.model,
-            lambda **out: self.compute_loss(out, batch),
-            batch["images"],
-            batch["texts"],
-            self.accumulate_chunks,
-            self.manual_backward,
-            self._no_sync,
-        ) if self.accumulate_chunks > 1 else self._plain_backward(batch)
+        engine = self.trainer.strategy.model if self._trainer is not None else None
+        with ds.coalesced_backward(engine, self.accumulate_chunks):  # DeepSpeed: one reduction for all chunks
+            terms = chunked_backward(
+                self.forward,
+                lambda **out: self.compute_loss(out, batch),
+                batch["images"],
+                batch["texts"],
+                self.accumulate_chunks,
+                self.manual_backward,
+                self._no_sync,
+                params=self._parameters_outside_model(),
+            ) if self.accumulate_chunks > 1 else self._plain_backward(batch)
         terms.update(self.add_penalty_gradients())
         total = loss_total(terms).detach()
 
@@ -148,19 +164,25 @@ class DualEncoderModule(L.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        self.model.clamp_logit_scale(self.max_logit_scale)
+        ds.clamp_logit_scale(self.model, self.max_logit_scale)  # DeepSpeed: its fp32 master copy too
         self._log_train(terms, total, batch)  # before the scheduler moves on: logs the LR this step used
         self.lr_schedulers().step()
         return total
 
+    def _parameters_outside_model(self) -> list[Tensor]:
+        # Trainable parameters a loss owns (e.g. KD's learned projection): chunked accumulation
+        # must back-propagate the loss into them as well as into the model.
+        in_model = {id(p) for p in self.model.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in in_model]
+
     def _plain_backward(self, batch: dict) -> dict[str, Tensor]:
-        terms = self.compute_loss(self.model(batch["images"], batch["texts"]), batch)
+        terms = self.compute_loss(self.forward(batch["images"], batch["texts"]), batch)
         self.manual_backward(loss_total(terms))
         return {k: v.detach() for k, v in terms.items()}
 
     def _no_sync(self):
         ddp = self.trainer.strategy.model if self._trainer is not None else None
-        return ddp.no_sync() if hasattr(ddp, "no_sync") else contextlib.nullcontext()
+        return ds.no_sync(ddp)  # DDP's no_sync; under DeepSpeed ZeRO, coalesced_backward defers instead
 
     def _all_ranks_finite(self, total: Tensor) -> bool:
         # All ranks must agree to skip, or DDP would deadlock on the next all-reduce.
@@ -210,15 +232,16 @@ class DualEncoderModule(L.LightningModule):
             def encode(prompts: list[str]) -> Tensor:
                 tokens = tokenize(prompts)
                 tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(self.device)
-                return self.model.encode_text(tokens)
+                return self.project({"text_features": self.model.encode_text(tokens)})["text_features"]
 
-            with torch.no_grad():
+            # ZeRO-3 fetches parameters only inside a module's forward; this runs outside any.
+            with torch.no_grad(), ds.gathered(self):
                 self._classifier = build_zeroshot_classifier(self.zero_shot_classes, self.zero_shot_templates, encode)
 
     def _eval_step(self, batch: dict, split: str) -> None:
         if batch["images"].shape[0] == 0:
             return
-        out = self.model(batch["images"], batch["texts"])
+        out = self.forward(batch["images"], batch["texts"])
         with D.local_only():  # ranks may run different numbers of eval batches
             terms = self.compute_loss(out, batch)
         bs = int(batch["images"].shape[0])
@@ -226,6 +249,11 @@ class DualEncoderModule(L.LightningModule):
         self._retrieval[split].update(out["image_features"], out["text_features"], batch["image_id"], batch.get("index"))
         if self._classifier is not None and "label" in batch:
             self._zeroshot[split].update(out["image_features"], batch["label"], self._classifier)
+        self._update_eval_metrics(out, batch, split)
+
+    def _update_eval_metrics(self, outputs: dict[str, Tensor], batch: dict, split: str) -> None:
+        """Hook: feed a technique's own evaluation metrics with an eval batch's model outputs
+        (reset them in ``_prepare_eval``, log them in ``_eval_epoch_end``). Default: none."""
 
     def _eval_epoch_end(self, split: str) -> None:
         metrics = self._retrieval[split].compute()
@@ -252,8 +280,8 @@ class DualEncoderModule(L.LightningModule):
         """Normalised image and text embeddings with each row's index (written by
         ``mmkit.callbacks.EmbeddingWriter``)."""
         return {
-            "image_features": self.model.encode_image(batch["images"]).float(),
-            "text_features": self.model.encode_text(batch["texts"]).float(),
+            "image_features": self.project({"image_features": self.model.encode_image(batch["images"])})["image_features"].float(),
+            "text_features": self.project({"text_features": self.model.encode_text(batch["texts"])})["text_features"].float(),
             "index": batch["index"],
             "image_id": batch["image_id"],
         }
@@ -264,7 +292,13 @@ class DualEncoderModule(L.LightningModule):
         # projection); frozen ones (locked towers, a teacher) are left out by param_groups.
         groups = param_groups(self, self.weight_decay)
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError(
+                "the learning-rate schedule needs a length: set trainer.max_steps (or max_epochs), "
+                "also when training is bounded by trainer.max_time"
+            )
+        total = int(total)
         sched = warmup_cosine(opt, self.warmup_steps, total, self.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -273,8 +307,9 @@ class DualEncoderModule(L.LightningModule):
         if self.export_dir == "":
             return
         model = self.model
-        if is_sharded(model):
-            state = full_state_dict(model)  # a collective: every rank takes part
+        if is_sharded(model) or ds.holds(model):
+            # A collective: every rank takes part. DeepSpeed: its fp32 master weights.
+            state = full_state_dict(model) if is_sharded(model) else ds.full_state_dict(model)
             if self.trainer.is_global_zero:
                 model = self.spec.build()  # an unsharded copy to write from
                 model.load_state_dict(state)

@@ -16,7 +16,7 @@ full batch. RNG state is replayed per chunk so dropout masks match between steps
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,12 +50,15 @@ def chunked_backward(
     num_chunks: int,
     backward: Callable[[Tensor], None],
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    params: Sequence[Tensor] = (),
 ) -> dict[str, Tensor]:
     """Back-propagate ``loss_fn(forward(images, texts))`` through ``num_chunks`` chunks.
 
     Returns the (detached) loss terms of the full batch. ``backward`` is the strategy-aware
     backward (e.g. ``LightningModule.manual_backward``); ``no_sync`` suppresses the DDP gradient
-    all-reduce for every chunk but the last.
+    all-reduce for every chunk but the last. ``params`` are trainable tensors the loss itself
+    uses besides the features (e.g. a loss's learned projection); they get their full-batch
+    gradient as well (ones the loss does not use are left alone).
     """
     n = images.shape[0]
     num_chunks = max(1, min(num_chunks, n))
@@ -77,9 +80,11 @@ def chunked_backward(
         terms = loss_fn(**leaves, **scalars)
         total = sum(v for k, v in terms.items() if k.endswith("_loss"))  # other keys: statistics
         wrt = list(leaves.values()) + list(scalars.values())
+        params = [p for p in params if p.requires_grad]
         # A loss may ignore some outputs (a hinge loss has no temperature): their gradient is zero.
-        raw = torch.autograd.grad(total, wrt, allow_unused=True)
+        raw = torch.autograd.grad(total, wrt + params, allow_unused=True)
         grads = {k: torch.zeros_like(t) if g is None else g for k, t, g in zip(list(leaves) + list(scalars), wrt, raw)}
+        param_grads = [(p, g) for p, g in zip(params, raw[len(wrt) :]) if g is not None]
     del cached
 
     offsets = [0]
@@ -98,6 +103,9 @@ def chunked_backward(
             # (DDP without find_unused_parameters requires that) and sum to the full gradient.
             for k in scalars:
                 surrogate = surrogate + (out[k] * grads[k] / num_chunks).sum()
+            # The loss's own parameters: the same 1/k share per chunk, for the same reason.
+            for p, g in param_grads:
+                surrogate = surrogate + (p * g / num_chunks).sum()
             backward(surrogate)
     rng_after.restore()
     return {k: v.detach() for k, v in terms.items()}
