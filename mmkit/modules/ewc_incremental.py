@@ -1,0 +1,317 @@
+"""EWCIncremental: learn a stream of image–text tasks with Elastic Weight Consolidation.
+
+The stream comes from ``mmkit.data.TaskStreamDataModule`` and runs inside one ``trainer.fit``:
+epoch ``e`` trains task ``e // epochs_per_task``. At the end of each task the module
+
+1. evaluates every task's validation part (one row of the continual-learning matrix),
+2. estimates the diagonal empirical Fisher of the finished task on its training data and stores
+   it with the parameters' current values as the anchor (``mmkit.losses.ewc``),
+
+and from then on adds ``λ/2 · Σ F_i (θ_i − θ*_i)²`` to the training loss, applied as its analytic
+gradient ``λ F (θ − θ*)`` after the data loss's backward (and DDP's averaging; the Fisher is
+all-reduced, so every rank holds the same penalty), before gradient clipping. Baselines are settings of the same module:
+``ewc_lambda: 0`` is plain fine-tuning, ``importance: uniform`` is L2 to the anchor (F ≡ 1).
+
+The penalty state and the matrix live in the checkpoint, so a run can stop after any task and
+resume. The matrix is written after every task as CSV + heatmap under ``<log dir>/continual/``
+and logged as ``continual/<score>_task<d>`` and ``continual/<score>_<avg|last|bwt|forgetting|fwt>``.
+
+Scores: ``R@1`` is the mean of image→text and text→image Recall@1 on the task's validation part
+(both also kept on their own as ``i2t_R@1``, ``t2i_R@1``); ``R@5`` likewise for Recall@5 (less
+noisy on small tasks); ``zeroshot_top1`` is the zero-shot accuracy over all
+``zero_shot_classes`` (when given and the data has labels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+
+from mmkit import distributed as D
+from mmkit.callbacks.continual_report import write_continual_report
+from mmkit.losses.contrastive import ClipLoss
+from mmkit.losses.ewc import EWCPenalty, fisher_sums, normalize_mean, reduce_fisher
+from mmkit.metrics.continual import ContinualMatrix
+from mmkit.metrics.retrieval import RetrievalMetrics
+from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier
+from mmkit.models.spec import ModelSpec
+from mmkit.modules.base import DualEncoderModule
+from mmkit.modules.optim import param_groups
+from mmkit.modules.sharding import is_sharded
+
+_STREAM_API = ("num_tasks", "task_names", "task_of_epoch", "is_task_end", "task_loader", "epochs_per_task")
+
+
+class EWCIncremental(DualEncoderModule):
+    """Continual image–text learning over a task stream with an EWC penalty (see module docstring).
+
+    Args:
+        model: the model spec (e.g. ``mmkit.models.OpenCLIP``).
+        loss: the alignment loss (default ``mmkit.losses.ClipLoss``); also the loss whose gradients
+            define the Fisher.
+        ewc_lambda: ``λ``, the penalty strength (0: plain fine-tuning; nothing is estimated).
+        importance: ``fisher`` (EWC) or ``uniform`` (L2 to the anchor, F ≡ 1: no estimation).
+        mode: ``separate`` (one Fisher and anchor per finished task) or ``online`` (one running
+            Fisher ``F ← γ F + F_new`` and the latest anchor).
+        gamma: decay ``γ`` of the running Fisher in ``online`` mode.
+        fisher_estimator: ``per_sample`` (each sample's share of the batch gradient) or
+            ``per_batch`` (squared batch-mean gradients); see ``mmkit.losses.ewc``.
+        fisher_samples: training samples of the finished task used for the estimate (over all ranks).
+        fisher_batch_size: samples per batch (per rank) while estimating; they are each other's
+            negatives.
+        normalize_fisher: scale each task's Fisher to mean 1 over all parameters, so ``λ`` has the
+            same meaning as for ``importance: uniform`` and does not depend on the loss scale.
+        schedule_per_task: restart the warmup + cosine learning-rate schedule at every task (each
+            task gets the full schedule); otherwise one schedule spans the stream.
+        evaluate_before: evaluate every task before training (the ``before`` row, needed for
+            forward transfer).
+        report_dir: folder for the matrix CSVs and heatmaps (default ``<log dir>/continual``;
+            an empty string writes nothing).
+        **kwargs: optimisation and evaluation settings of ``DualEncoderModule``.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        loss: nn.Module | None = None,
+        ewc_lambda: float = 1.0,
+        importance: Literal["fisher", "uniform"] = "fisher",
+        mode: Literal["separate", "online"] = "separate",
+        gamma: float = 1.0,
+        fisher_estimator: Literal["per_sample", "per_batch"] = "per_sample",
+        fisher_samples: int = 256,
+        fisher_batch_size: int = 32,
+        normalize_fisher: bool = False,
+        schedule_per_task: bool = True,
+        evaluate_before: bool = True,
+        report_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, **kwargs)
+        if importance not in ("fisher", "uniform"):
+            raise ValueError(f"importance must be 'fisher' or 'uniform', got {importance!r}")
+        if fisher_estimator not in ("per_sample", "per_batch"):
+            raise ValueError(f"fisher_estimator must be 'per_sample' or 'per_batch', got {fisher_estimator!r}")
+        if ewc_lambda < 0 or fisher_samples < 1 or fisher_batch_size < 1:
+            raise ValueError("need ewc_lambda >= 0, fisher_samples >= 1 and fisher_batch_size >= 1")
+        self.loss = loss if loss is not None else ClipLoss()
+        self.ewc_lambda = ewc_lambda
+        self.importance = importance
+        self.fisher_estimator = fisher_estimator
+        self.fisher_samples = fisher_samples
+        self.fisher_batch_size = fisher_batch_size
+        self.normalize_fisher = normalize_fisher
+        self.schedule_per_task = schedule_per_task
+        self.evaluate_before = evaluate_before
+        self.report_dir = report_dir
+        self.penalty = EWCPenalty(mode, gamma)
+        self.matrix: ContinualMatrix | None = None
+        self._matrix_state: dict | None = None  # restored from a checkpoint before the stream is known
+        self._task = -1  # task being trained
+        self._task_start_step = 0  # optimizer step at which it started (for the per-task schedule)
+
+    def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        return self.loss(**outputs)
+
+    # -- the stream ----------------------------------------------------------------------------
+    def _stream(self):
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not all(hasattr(dm, a) for a in _STREAM_API):
+            raise TypeError(
+                "EWCIncremental trains on a task stream: use mmkit.data.TaskStreamDataModule "
+                f"(got {type(dm).__name__})"
+            )
+        return dm
+
+    def _ensure_matrix(self) -> ContinualMatrix:
+        if self.matrix is None:
+            dm = self._stream()
+            self.matrix = ContinualMatrix(dm.num_tasks, dm.task_names)
+            if self._matrix_state is not None:
+                self.matrix.load_state_dict(self._matrix_state)
+                self._matrix_state = None
+        return self.matrix
+
+    def _tracked(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self) -> None:
+        self._stream()
+        if is_sharded(self.model):
+            raise NotImplementedError("EWCIncremental runs on one device or under DDP (its Fisher and anchors are "
+                                      "full tensors per rank), not on sharded parameters")
+        self._ensure_matrix()
+
+    def on_train_start(self) -> None:
+        self.penalty.to(self.device)
+        matrix = self._ensure_matrix()
+        fresh = self.global_step == 0 and matrix.tasks_done == 0 and not matrix.before
+        if self.evaluate_before and fresh:
+            matrix.set_before(self._evaluate_tasks())
+            self._write_report()
+
+    def on_train_epoch_start(self) -> None:
+        task = self._stream().task_of_epoch(self.current_epoch)
+        if task != self._task:
+            self._task, self._task_start_step = task, self.global_step
+            if self.schedule_per_task and task > 0:
+                self.lr_schedulers().step()  # the schedule reads the new start: back to warmup
+
+    # -- training ------------------------------------------------------------------------------
+    def add_penalty_gradients(self) -> dict[str, Tensor]:
+        params = self._tracked()
+        value, grads = self.penalty(params, self.ewc_lambda)
+        for name, g in grads.items():
+            p = params[name]
+            g = g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        return {"ewc_loss": value}
+
+    def on_train_epoch_end(self) -> None:
+        dm = self._stream()
+        epoch = self.current_epoch
+        # A fit stopped by max_steps inside the task's last epoch has not finished the task.
+        finished = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if not (dm.is_task_end(epoch) and finished):
+            return
+        task = dm.task_of_epoch(epoch)
+        matrix = self._ensure_matrix()
+        matrix.add_row(task, self._evaluate_tasks())
+        # Nothing trains after the last task, so its Fisher would never be used.
+        if self.ewc_lambda > 0 and self.penalty.tasks_consolidated <= task < dm.num_tasks - 1:
+            fisher = self._estimate_fisher(task) if self.importance == "fisher" else None
+            self.penalty.consolidate({n: p.detach() for n, p in self._tracked().items()}, fisher)
+        self._log_matrix(task)
+        self._write_report()
+
+    # -- per-task evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate_tasks(self) -> dict[str, list[float]]:
+        """Scores of the current weights on every task's validation part (identical on all ranks)."""
+        dm = self._stream()
+        was_training = self.model.training
+        self.model.eval()
+        rows: dict[str, list[float]] = defaultdict(list)
+        try:
+            classifier = self._zero_shot_classifier()
+            for task in range(dm.num_tasks):
+                retrieval, zeroshot = RetrievalMetrics().to(self.device), ZeroShotAccuracy().to(self.device)
+                n = 0
+                for batch in dm.task_loader(task, "val"):
+                    if batch["images"].shape[0] == 0:
+                        continue
+                    batch = move_data_to_device(batch, self.device)
+                    out = self.model(batch["images"], batch["texts"])
+                    retrieval.update(out["image_features"], out["text_features"], batch["image_id"], batch["index"])
+                    if classifier is not None:
+                        zeroshot.update(out["image_features"], batch["label"], classifier)
+                    n += batch["images"].shape[0]
+                if D.all_reduce_sum(torch.tensor([float(n)], device=self.device)).item() == 0:
+                    keys = ["R@1", "R@5", "i2t_R@1", "t2i_R@1"] + (["zeroshot_top1"] if classifier is not None else [])
+                    for key in keys:
+                        rows[key].append(math.nan)
+                    continue
+                m = retrieval.compute()
+                rows["i2t_R@1"].append(float(m["i2t_R@1"]))
+                rows["t2i_R@1"].append(float(m["t2i_R@1"]))
+                rows["R@1"].append(0.5 * (float(m["i2t_R@1"]) + float(m["t2i_R@1"])))
+                rows["R@5"].append(0.5 * (float(m["i2t_R@5"]) + float(m["t2i_R@5"])))
+                if classifier is not None:
+                    rows["zeroshot_top1"].append(float(zeroshot.compute()["top1"]))
+        finally:
+            self.model.train(was_training)
+        return dict(rows)
+
+    def _zero_shot_classifier(self) -> Tensor | None:
+        if not self.zero_shot_classes:
+            return None
+        tokenize = self.preprocessing.tokenize
+
+        def encode(prompts: list[str]) -> Tensor:
+            return self.model.encode_text(move_data_to_device(tokenize(prompts), self.device))
+
+        return build_zeroshot_classifier(self.zero_shot_classes, self.zero_shot_templates, encode)
+
+    # -- Fisher --------------------------------------------------------------------------------
+    def _estimate_fisher(self, task: int) -> dict[str, Tensor]:
+        loader = self._stream().task_loader(task, "train", batch_size=self.fisher_batch_size, shuffle=True)
+        batches = (
+            (b["images"], b["texts"])
+            for b in (move_data_to_device(b, self.device) for b in loader)
+            if b["images"].shape[0] > 0
+        )
+        per_rank = math.ceil(self.fisher_samples / D.world_size())
+        was_training = self.model.training
+        self.model.eval()  # the Fisher of the deterministic model (no dropout)
+        try:
+            sums, count = fisher_sums(
+                self._tracked(), batches, self.model, lambda **out: self.compute_loss(out, {}), per_rank,
+                self.fisher_estimator,
+            )
+        finally:
+            self.model.train(was_training)
+        fisher = reduce_fisher(sums, count)  # collective: the same Fisher on every rank
+        return normalize_mean(fisher) if self.normalize_fisher else fisher
+
+    # -- reporting -----------------------------------------------------------------------------
+    def _log_matrix(self, task: int) -> None:
+        matrix = self._ensure_matrix()
+        for score, rows in matrix.rows.items():
+            for d, value in enumerate(rows[task]):
+                self.log(f"continual/{score}_task{d}", value, sync_dist=False)
+            for key, value in matrix.summary(score).items():
+                if math.isfinite(value):
+                    self.log(f"continual/{score}_{key}", value, sync_dist=False)
+        self.log("continual/tasks_done", float(task + 1), sync_dist=False)
+
+    def _write_report(self) -> None:
+        if self.report_dir == "" or not self.trainer.is_global_zero:
+            return
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        write_continual_report(self.report_dir or Path(root) / "continual", self._ensure_matrix())
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        if not self.schedule_per_task:
+            return super().configure_optimizers()
+        opt = torch.optim.AdamW(param_groups(self, self.weight_decay), lr=self.lr, betas=self.betas, eps=self.eps)
+        # A function, not a callable object: LambdaLR then keeps it out of the checkpoint.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self._lr_factor())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_factor(self) -> float:
+        """Warmup + cosine within the current task, from the steps taken since it started."""
+        step = self.global_step - self._task_start_step
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        total = math.inf
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            total = self.trainer.num_training_batches * getattr(self.trainer.datamodule, "epochs_per_task", 1)
+        if not math.isfinite(total) or total <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        matrix = self.matrix.state_dict() if self.matrix is not None else self._matrix_state
+        checkpoint["ewc_incremental"] = {
+            "penalty": self.penalty.state_dict(),
+            "matrix": matrix,
+            "task": self._task,
+            "task_start_step": self._task_start_step,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("ewc_incremental")
+        if state is None:
+            return
+        self.penalty.load_state_dict(state["penalty"])
+        self._task, self._task_start_step = int(state["task"]), int(state["task_start_step"])
+        self.matrix, self._matrix_state = None, state["matrix"]
