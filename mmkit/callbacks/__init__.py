@@ -1,8 +1,12 @@
 """Lightning callbacks: throughput, the end-of-run report, embedding export, bad-sample tracking."""
 
 from mmkit.callbacks.bad_samples import BadSampleCallback
+from mmkit.callbacks.checkpointing import Preempted, StepCheckpoint
+from mmkit.callbacks.continual_report import write_continual_report
 from mmkit.callbacks.embedding_writer import EmbeddingWriter
 from mmkit.callbacks.report import RunReport, write_report
+from mmkit.callbacks.resume_state import ResumeState
 from mmkit.callbacks.throughput import Throughput
 
-__all__ = ["BadSampleCallback", "EmbeddingWriter", "RunReport", "Throughput", "write_report"]
+__all__ = ["write_continual_report", "BadSampleCallback", "EmbeddingWriter", "RunReport", "Throughput", "write_report",
+           "Preempted", "ResumeState", "StepCheckpoint"]

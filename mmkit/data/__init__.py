@@ -23,6 +23,8 @@ _EXPORTS = {
     "ManifestDataset": "mmkit.data.sources.manifest",
     "SyntheticShapes": "mmkit.data.sources.synthetic",
     "WebDatasetShards": "mmkit.data.sources.shards",
+    "TaskStreamDataModule": "mmkit.data.task_stream",
+    "TeacherEmbeddings": "mmkit.data.teacher_embeddings",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from mmkit.data.sample import BadSample
     from mmkit.data.sampler import DistributedBatchSampler
     from mmkit.data.sources import HFImageTextDataset, ManifestDataset, SyntheticShapes, WebDatasetShards
+    from mmkit.data.task_stream import TaskStreamDataModule
+    from mmkit.data.teacher_embeddings import TeacherEmbeddings
 
 
 def __getattr__(name: str):
