@@ -40,6 +40,12 @@ class ManifestDataset(Dataset):
         image_root: str | None = None,
     ) -> None:
         self.path = str(path)
+        ext = os.path.splitext(self.path)[1].lower()
+        if ext not in _DELIMITERS and ext not in _JSONL:
+            raise ValueError(
+                f"ManifestDataset: {self.path}: unsupported manifest extension {ext!r}; use one of "
+                f"{', '.join(sorted([*_DELIMITERS, *_JSONL]))}"
+            )
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"ManifestDataset: path={self.path!r} does not exist (the manifest file)")
         if image_root is not None and not os.path.isdir(image_root):
