@@ -128,6 +128,9 @@ def _merge(base: dict, update: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
+    from mmkit.modules.deepspeed_support import import_quietly_if_named
+
+    import_quietly_if_named(words)  # keeps DeepSpeed's log lines out of stdout (--print_config)
     if words and words[0] == "export":
         export(words[1:])
         return

@@ -8,7 +8,6 @@ prediction and export. A technique subclass provides ``compute_loss`` and whatev
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import lightning as L
