@@ -55,8 +55,17 @@ def _pip_installs_of_project(commands: list[str]) -> list[list[str]]:
     """`pip install ...` commands (pip named by any path) that install this checkout (`.` or `.[extras]`)."""
     found = []
     for command in commands:
-        for part in re.split(r"&&|;|\|\|", command):
-            tokens = shlex.split(part, comments=True)
+        # Split into simple commands at &&, ; and || outside quotes (a `python -c "a; b"` stays whole).
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        parts, current = [], []
+        for token in lexer:
+            if token in ("&&", ";", "||"):
+                parts.append(current)
+                current = []
+            else:
+                current.append(token)
+        for tokens in [*parts, current]:
             for i in range(len(tokens) - 1):
                 if Path(tokens[i]).name in ("pip", "pip3") and tokens[i + 1] == "install":
                     args = tokens[i:]
