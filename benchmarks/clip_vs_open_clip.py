@@ -45,6 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from results_file import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -299,18 +300,6 @@ def machine_line(before: dict, after_load: str) -> str:
         f"wall-clock numbers are noisy); Python {before['python']}; mmkit venv: torch {before['torch']}, "
         f"open_clip_torch {before['open_clip_torch']}, lightning {before['lightning']}{oc}."
     )
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace the section that starts with ``heading`` (up to the next ``## ``) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    path.write_text(text)
 
 
 def results_section(summary: dict, config: dict, runs: dict, command: str, machine: str) -> str:

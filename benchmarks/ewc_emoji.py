@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from results_file import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -231,18 +232,6 @@ def reading(results: dict, counts: dict) -> str:
     lines.append("- Row `after pictographs` is identical in every setting (no penalty exists during the first task): "
                  + ("yes." if len(first_rows) == 1 else "NO: check determinism."))
     return "\n".join(lines)
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace the section that starts with ``heading`` (up to the next ``## ``) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    path.write_text(text)
 
 
 def main() -> None:

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import write_section  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "RESULTS.md"
@@ -169,18 +171,6 @@ def machine() -> str:
     return ", ".join(parts)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of RESULTS.md (up to the next ``## ``) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(HEADING + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
@@ -236,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         "(CUDA synchronised around each). Peak memory is over the whole run. Each strategy ran in its own process.",
         "", result_table, "",
     ])
-    write_section(RESULTS, section)
+    write_section(RESULTS, HEADING, section)
     print(f"\nwrote {RESULTS}")
     sys.exit(1 if failed else 0)
 

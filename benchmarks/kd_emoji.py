@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
+from results_file import write_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -195,18 +196,6 @@ def markdown(a, teacher: dict, runs: dict[str, dict], best: str, command: str) -
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section (its heading up to the next ``## ``) or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-arch", default="mmkit-small")
@@ -293,7 +282,7 @@ def main() -> None:
     if a.smoke or a.no_write:
         print(f"(not written to {RESULTS}: {'--smoke' if a.smoke else '--no-write'})")
     else:
-        write_section(RESULTS, section)
+        write_section(RESULTS, HEADING, section)
         print(f"wrote {RESULTS}")
 
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import write_section  # noqa: E402
+
 GIB = 1024**3
 HEADING = "## Contrastive loss memory and time (tiled vs plain)"
 IMPLS = ("tiled", "plain", "open_clip")
@@ -213,20 +215,6 @@ def render(results: dict, args, machine: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's own section (heading up to the next ``## ``) or append it;
-    other sections are kept as they are."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        end = len(text) if end < 0 else end + 1
-        text = text[:start] + section + ("\n" + text[end:] if end < len(text) else "")
-    path.write_text(text)
-
-
 def verdict(results: dict, target_batch: int) -> str:
     ok = lambda c: "met" if c else "**missed**"  # noqa: E731
     row = results.get(target_batch, {})
@@ -350,7 +338,7 @@ def main(argv=None) -> None:
     section = render(results, args, machine)
     print(section)
     if not args.no_write:
-        write_section(args.out, section)
+        write_section(args.out, HEADING, section)
         print(f"wrote {args.out}")
 
 

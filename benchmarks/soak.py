@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import write_section
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SECTION = "## Soak: long CPU training run (issue 6)"
@@ -132,16 +134,6 @@ def markdown(windows: list[dict], verdict: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = HERE / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        old = head.rstrip() + "\n" + (rest[nxt:] if nxt >= 0 else "")
-    path.write_text(old.rstrip() + "\n\n" + text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=20.0)
@@ -175,7 +167,7 @@ def main() -> None:
     print(text)
     (out / "summary.json").write_text(json.dumps({"windows": windows, "verdict": verdict}, indent=1))
     if not a.smoke:
-        write_section(text)
+        write_section(HERE / "RESULTS.md", SECTION, text)
 
 
 if __name__ == "__main__":
