@@ -140,6 +140,85 @@ def run_one(name: str, arch: str, batch: int, steps: int, warmup: int) -> dict:
     }
 
 
+# -- the contrastive loss alone on the GPU: tiled vs plain -----------------------------------------
+LOSS_IMPLS = ("tiled", "plain", "open_clip")
+
+
+def run_losses(batches: list[int], dim: int, tile: int, repeats: int = 3) -> list[dict]:
+    """Forward + backward of each loss at each global batch, fp32, in this one process.
+
+    Extra memory = peak allocated during the timed calls minus what was allocated once the
+    features existed (so it includes the two feature gradients, 2·B·d·4 bytes, for every
+    implementation). A run that does not fit is reported as out of memory, not retried.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from mmkit.losses import ClipLoss
+
+    def make(impl: str):
+        if impl == "open_clip":
+            from open_clip.loss import ClipLoss as OpenClipLoss
+
+            oc = OpenClipLoss()
+            return lambda x, y, s: oc(x, y, s)
+        ours = ClipLoss(tile_size=tile) if impl == "tiled" else ClipLoss()
+        return lambda x, y, s: ours(x, y, s)["contrastive_loss"]
+
+    rows = []
+    log_scale = torch.tensor(2.6593, device="cuda", requires_grad=True)
+    for batch in batches:
+        for impl in LOSS_IMPLS:
+            fn = make(impl)
+            small = [F.normalize(torch.randn(256, dim, device="cuda"), dim=1).requires_grad_() for _ in range(2)]
+            fn(*small, log_scale.exp()).backward()  # kernels and workspaces are not the loss's memory
+            del small
+            row = {"impl": impl, "batch": batch}
+            try:
+                g = torch.Generator(device="cuda").manual_seed(0)
+                x, y = (F.normalize(torch.randn(batch, dim, device="cuda", generator=g), dim=1).requires_grad_()
+                        for _ in range(2))
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(repeats):
+                    x.grad = y.grad = log_scale.grad = None
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    value = fn(x, y, log_scale.exp())
+                    value.backward()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                row.update(status="ok", seconds=statistics.median(times), loss=value.item(),
+                           extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30)
+            except torch.cuda.OutOfMemoryError as err:
+                row.update(status="oom", detail=str(err).splitlines()[0][:100])
+            x = y = value = None
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print("GPU_CHECK_LOSS " + json.dumps(row), flush=True)
+    return rows
+
+
+def loss_table(rows: list[dict]) -> str:
+    lines = [
+        "| global batch | implementation | fwd+bwd (s) | extra memory (GiB) | vs plain: memory | vs plain: time | loss |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    plain = {r["batch"]: r for r in rows if r["impl"] == "plain" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['batch']} | {r['impl']} | out of memory | | | | |")
+            continue
+        p = plain.get(r["batch"])
+        mem = f"{r['extra_gib'] / p['extra_gib']:.3f}×" if p else "plain does not fit"
+        tim = f"{r['seconds'] / p['seconds']:.2f}×" if p else "–"
+        lines.append(f"| {r['batch']} | {r['impl']} | {r['seconds']:.4f} | {r['extra_gib']:.2f} | {mem} | {tim} | "
+                     f"{r['loss']:.5f} |")
+    return "\n".join(lines)
+
+
 # -- driver -------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["strategy"] == "ddp" and "error" not in r), None)
@@ -181,12 +260,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="3 timed steps after 1 warm-up, no RESULTS.md write")
     ap.add_argument("--no-write", action="store_true", help="do not write benchmarks/RESULTS.md")
     ap.add_argument("--per-strategy-timeout", type=int, default=600, help="seconds before a strategy's run is stopped")
+    ap.add_argument("--loss-batches", type=int, nargs="*", default=[32768, 65536, 131072],
+                    help="global batches for the loss-alone table (tiled vs plain vs open_clip); none to skip")
+    ap.add_argument("--loss-dim", type=int, default=512)
+    ap.add_argument("--tile", type=int, default=4096, help="tile size of mmkit's tiled loss in that table")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     require_gpu()
     if args.smoke:
         args.steps, args.warmup = 3, 1
 
+    if args.worker == "loss":
+        run_losses(args.loss_batches, args.loss_dim, args.tile)
+        return
     if args.worker:
         result = run_one(args.worker, args.arch, args.batch, args.steps, args.warmup)
         print("GPU_CHECK_RESULT " + json.dumps(result), flush=True)
@@ -211,9 +297,27 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"strategy": name, "error": f"no result within {args.per_strategy_timeout}s"})
         print(f"gpu_check: {name} done ({time.perf_counter() - t0:.0f}s so far)", flush=True)
 
+    loss_rows: list[dict] = []
+    if args.loss_batches:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "loss", "--loss-dim", str(args.loss_dim),
+               "--tile", str(args.tile), "--loss-batches", *map(str, args.loss_batches)]
+        print("gpu_check: loss alone ...", flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.per_strategy_timeout, cwd=ROOT)
+            out = proc.stdout
+            if proc.returncode != 0:
+                print("\n".join((proc.stderr or "").strip().splitlines()[-15:]), file=sys.stderr)
+        except subprocess.TimeoutExpired as err:
+            out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            print(f"gpu_check: loss table stopped after {args.per_strategy_timeout}s", file=sys.stderr)
+        loss_rows = [json.loads(ln.split(" ", 1)[1]) for ln in out.splitlines() if ln.startswith("GPU_CHECK_LOSS ")]
+
     result_table = table(rows)
     print()
     print(result_table)
+    if loss_rows:
+        print()
+        print(loss_table(loss_rows))
     command = "bash benchmarks/gpu_check.sh " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     failed = any("error" in r for r in rows)
     if args.smoke or args.no_write:
@@ -226,6 +330,13 @@ def main(argv: list[str] | None = None) -> None:
         "(CUDA synchronised around each). Peak memory is over the whole run. Each strategy ran in its own process.",
         "", result_table, "",
     ])
+    if loss_rows:
+        section += "\n".join([
+            "", f"The contrastive loss alone on the same GPU, forward + backward, fp32, d={args.loss_dim}, "
+            f"mmkit tiled (tile {args.tile}) vs mmkit plain vs open_clip `ClipLoss`; extra memory is peak allocated "
+            "minus the features (it includes their gradients); median of 3 calls after a warm-up.",
+            "", loss_table(loss_rows), "",
+        ])
     write_section(RESULTS, HEADING, section)
     print(f"\nwrote {RESULTS}")
     sys.exit(1 if failed else 0)
