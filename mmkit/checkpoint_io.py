@@ -111,7 +111,10 @@ def _reason(message: str) -> str:
 def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
     """Load ``path`` as training would (weights_only) and check it is a Lightning training
     checkpoint; raise ``CheckpointLoadError`` naming the file otherwise. Memory-maps the tensors,
-    so checking a large checkpoint reads little more than its index."""
+    so checking a large checkpoint reads little more than its index. A folder must be a finished
+    sharded checkpoint (see ``_check_sharded``)."""
+    if Path(path).is_dir():
+        return _check_sharded(Path(path))
     ckpt = load_checkpoint(path, weights_only=True, mmap=True)
     missing = [k for k in ("state_dict", "global_step", "loops") if k not in ckpt]
     if missing:
@@ -119,12 +122,46 @@ def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def _sharded_marker(folder: Path) -> Path | None:
+    """The file a sharded checkpoint folder gets last, once every rank's part is on disk: Lightning's
+    ``meta.pt`` after the ``torch.distributed.checkpoint`` shards (FSDP2), DeepSpeed's ``latest``
+    after its tag folder. None for a folder that is neither kind."""
+    if (folder / ".metadata").is_file() or any(folder.glob("*.distcp")):
+        return folder / "meta.pt"
+    if (folder / "latest").is_file() or any(folder.glob("*/*model_states.pt")):
+        return folder / "latest"
+    return None
+
+
+def _check_sharded(folder: Path) -> dict[str, Any]:
+    marker = _sharded_marker(folder)
+    if marker is None:
+        raise CheckpointLoadError(f"checkpoint {folder} is a folder but not a sharded checkpoint "
+                                  "(no torch.distributed.checkpoint .metadata, no DeepSpeed 'latest')")
+    if not marker.is_file():
+        raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: no {marker.name} (the save did not finish)")
+    if marker.name == "latest":
+        tag = marker.read_text().strip()
+        if not any((folder / tag).glob("*model_states.pt")):
+            raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: 'latest' names {tag!r}, "
+                                      "which holds no model states")
+        return {}
+    if not (folder / ".metadata").is_file():
+        raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: no .metadata")
+    meta = load_checkpoint(marker, weights_only=True)
+    missing = [k for k in ("global_step", "loops") if k not in meta]
+    if missing:
+        raise CheckpointLoadError(f"checkpoint folder {folder}: {marker.name} is not Lightning's (no {', '.join(missing)})")
+    return meta
+
+
 def find_resumable_checkpoint(
     folders: Iterable[str | os.PathLike], recursive: bool = True
 ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest (by modification time) ``*.ckpt`` under ``folders`` that loads with
     ``weights_only=True``, and the newer ones skipped with the reason. ``(None, skipped)`` when
-    none is usable. Links (``last.ckpt``) count once, as the file they point at."""
+    none is usable. Links (``last.ckpt``) count once, as the file they point at. A ``*.ckpt``
+    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it."""
     seen: dict[Path, float] = {}
     for folder in folders:
         folder = Path(folder)
@@ -135,6 +172,8 @@ def find_resumable_checkpoint(
                 real = path.resolve()
                 if real.is_file():
                     seen[real] = real.stat().st_mtime_ns
+                elif real.is_dir() and (marker := _sharded_marker(real)) is not None:
+                    seen[real] = (marker if marker.is_file() else real).stat().st_mtime_ns
     skipped: list[tuple[Path, str]] = []
     for path in sorted(seen, key=lambda p: (seen[p], p.name), reverse=True):
         try:
@@ -198,8 +237,7 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
         _say(f"mmkit: --ckpt_path last: resuming from {path}")
         return str(path)
     if ckpt_path and ckpt_path not in ("best", "hpc") and _is_local_file_protocol(ckpt_path):
-        if not Path(ckpt_path).is_dir():  # a folder is a sharded (DeepSpeed, FSDP) checkpoint
-            check_resumable(ckpt_path)
+        check_resumable(ckpt_path)  # a folder: a finished sharded (FSDP2, DeepSpeed) checkpoint
     return ckpt_path
 
 

@@ -27,6 +27,7 @@ from mmkit.callbacks.throughput import Throughput  # noqa: E402
 from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
+from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
 
 
 class MMKitCLI(LightningCLI):
@@ -110,12 +111,15 @@ def export(argv: list[str]) -> None:
 
 
 def _checkpoint_state_dict(path: str) -> dict:
-    """The module state dict of a Lightning ``.ckpt`` file, or of a (sharded) DeepSpeed checkpoint
-    directory, consolidated to full fp32 weights in memory."""
+    """The module state dict of a Lightning ``.ckpt`` file, or of a sharded checkpoint directory
+    (DeepSpeed's, or FSDP2's ``torch.distributed.checkpoint`` folder), merged to full weights in memory."""
     from mmkit.modules.deepspeed_support import consolidated_state_dict, is_deepspeed_checkpoint
+    from mmkit.sharded_checkpoint import distributed_checkpoint_state_dict, is_distributed_checkpoint
 
     if is_deepspeed_checkpoint(path):
         return consolidated_state_dict(path)
+    if is_distributed_checkpoint(path):
+        return distributed_checkpoint_state_dict(path)
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 

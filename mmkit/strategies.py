@@ -1,0 +1,56 @@
+"""``FSDP2Strategy``: FSDP2 over every process of the job, whatever their number.
+
+Lightning's ``ModelParallelStrategy`` (the route to ``fully_shard``) asks for a data-parallel and a
+tensor-parallel size whose product is the world size, and its defaults ("auto") put every GPU of a
+node into the tensor-parallel dimension. mmkit shards whole towers over the data-parallel
+dimension only (``mmkit.modules.sharding``) and has no tensor-parallel plan, so those defaults
+would make the GPUs of a node train on the same data. This subclass fixes tensor parallelism at 1
+and the data-parallel size at the world size, so one recipe runs on any number of GPUs or nodes.
+
+Importing this module registers it as ``strategy: fsdp2`` (``mmkit fit`` does so), next to
+Lightning's ``fsdp`` (FSDP1, which mmkit does not use).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2) over all processes.
+
+    Args:
+        save_distributed_checkpoint: each rank writes its shard into a checkpoint folder (True), or
+            rank 0 writes one file with the full weights and optimizer state (False: needs them to
+            fit in one process's CPU memory). ``mmkit export`` reads both.
+        process_group_backend: e.g. ``nccl`` (GPU default) or ``gloo`` (CPU default).
+        timeout: collective timeout.
+    """
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        # Known here (set by the trainer's connector before the processes start).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) over all processes, mmkit's sharding of the towers"
+    )
