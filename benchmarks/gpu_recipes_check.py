@@ -61,11 +61,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_recipes_check"))
     ap.add_argument("--out", type=Path, default=None, help="JSON summary path")
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--port", type=int, default=29600, help="first rendezvous port (each run takes its own)")
     ap.add_argument("--accelerator", default="gpu", help="cpu: check the overrides here (not DeepSpeed)")
     ap.add_argument("--precision", default="bf16-mixed")
     args = ap.parse_args()
 
-    jobs, port = [], 29600
+    jobs, port = [], args.port
     for recipe in args.recipes:
         for strategy in args.strategies:
             out = args.work / f"{recipe}__{strategy}"

@@ -25,6 +25,14 @@ Both estimators return sums and a count so that ranks can add them up before div
 (``reduce_fisher``): every rank then holds the same Fisher. Batches are scored rank-locally
 (``mmkit.distributed.local_only``): a sample's negatives are its own rank's batch, which keeps the
 estimate free of collectives inside the loop (ranks may see different sample counts).
+
+Sharded parameters (FSDP2 DTensors)
+-----------------------------------
+Fisher, anchors and sums live in the parameters' own layout: a DTensor parameter's Fisher and
+anchor are DTensors with the same placements, so each rank stores only its shard. Every function
+here works on the local shards; the penalty's value adds the shards' parts over ranks (one
+all-reduce), its gradient ``λ F (θ − θ*)`` is elementwise and stays local. Replicated (plain)
+parameters next to sharded ones (FSDP2 leaves 0-dim parameters unsharded) are counted once.
 """
 
 from __future__ import annotations
@@ -40,7 +48,44 @@ from mmkit import distributed as D
 
 Forward = Callable[[Tensor, Any], dict[str, Any]]
 LossFn = Callable[..., dict[str, Tensor]]
+GradsFn = Callable[[Tensor, dict[str, Tensor]], list[Tensor]]
 _FEATURES = ("image_features", "text_features")
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter or a tensor in its layout)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def like(local_part: Tensor, param: Tensor) -> Tensor:
+    """``local_part`` (this rank's part) in ``param``'s layout: a DTensor with the parameter's
+    mesh, placements and global shape when the parameter is one; unchanged otherwise."""
+    if not is_dtensor(param):
+        return local_part
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def shard_like(full: Tensor, param: Tensor) -> Tensor:
+    """A full tensor (e.g. read from a checkpoint, identical on every rank) cut to ``param``'s
+    layout without communication; moved to the parameter's device."""
+    full = full.to(param.device)
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank takes its shard from its own full copy, no collective.
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def _total(terms: dict[str, Tensor]) -> Tensor:
@@ -53,8 +98,10 @@ def _rows(texts: Any, i: int) -> Any:
     return texts[i : i + 1]
 
 
-def _grads(output: Tensor, params: dict[str, Tensor]) -> list[Tensor]:
-    # autograd.grad, not backward(): nothing lands in p.grad, so DDP's gradient hooks stay idle.
+def autograd_grads(output: Tensor, params: dict[str, Tensor]) -> list[Tensor]:
+    """The gradient of ``output`` for each parameter, without touching ``p.grad``."""
+    # autograd.grad, not backward(): nothing lands in p.grad, so DDP's and DeepSpeed ZeRO's
+    # gradient hooks (post-accumulate hooks) stay idle.
     grads = torch.autograd.grad(output, list(params.values()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
 
@@ -66,6 +113,7 @@ def fisher_sums(
     loss_fn: LossFn,
     max_samples: int,
     estimator: Literal["per_sample", "per_batch"] = "per_sample",
+    grads_fn: GradsFn = autograd_grads,
 ) -> tuple[dict[str, Tensor], int]:
     """Sums of squared gradients and how many gradients were summed, on this rank's data.
 
@@ -77,36 +125,41 @@ def fisher_sums(
             sum is the loss; the mean over the batch, as every mmkit loss).
         max_samples: stop after this many samples (a batch is cut to fit).
         estimator: ``per_sample`` or ``per_batch`` (see the module docstring).
+        grads_fn: ``grads_fn(output, params)`` → each parameter's gradient of the scalar
+            ``output`` (its local shard for a DTensor parameter); default ``torch.autograd.grad``.
 
     Returns:
-        ``({name: Σ g²}, count)``: count is the number of samples (``per_sample``) or batches.
+        ``({name: Σ g²}, count)``: count is the number of samples (``per_sample``) or batches;
+        the sums of DTensor parameters are their local shards (plain tensors).
     """
     if estimator not in ("per_sample", "per_batch"):
         raise ValueError(f"estimator must be 'per_sample' or 'per_batch', got {estimator!r}")
-    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    sums = {n: torch.zeros_like(local(p), dtype=torch.float32) for n, p in params.items()}
     count, seen = 0, 0
-    with D.local_only(), torch.enable_grad():
-        for images, texts in batches:
-            take = min(images.shape[0], max_samples - seen)
-            if take <= 0:
-                break
-            if take < images.shape[0]:
-                images = images[:take]
-                texts = {k: v[:take] for k, v in texts.items()} if isinstance(texts, dict) else texts[:take]
-            seen += take
+    # Batches are drawn outside local_only: a batch source may communicate (FSDP: every rank's
+    # batches on every rank); the scoring itself is rank-local.
+    for images, texts in batches:
+        take = min(images.shape[0], max_samples - seen)
+        if take <= 0:
+            break
+        if take < images.shape[0]:
+            images = images[:take]
+            texts = {k: v[:take] for k, v in texts.items()} if isinstance(texts, dict) else texts[:take]
+        seen += take
+        with D.local_only(), torch.enable_grad():
             if estimator == "per_batch":
-                for s, g in zip(sums.values(), _grads(_total(loss_fn(**forward(images, texts))), params)):
+                for s, g in zip(sums.values(), grads_fn(_total(loss_fn(**forward(images, texts))), params)):
                     s.add_(g.float().square())
                 count += 1
             else:
-                for g_i in _per_sample_grads(params, images, texts, forward, loss_fn):
+                for g_i in _per_sample_grads(params, images, texts, forward, loss_fn, grads_fn):
                     for s, g in zip(sums.values(), g_i):
                         s.add_(g.float().square())
                     count += 1
     return sums, count
 
 
-def _per_sample_grads(params, images: Tensor, texts: Any, forward: Forward, loss_fn: LossFn):
+def _per_sample_grads(params, images: Tensor, texts: Any, forward: Forward, loss_fn: LossFn, grads_fn: GradsFn):
     """Yields each sample's gradient share ``g_i`` (see the module docstring)."""
     n = images.shape[0]
     with torch.no_grad():
@@ -128,7 +181,7 @@ def _per_sample_grads(params, images: Tensor, texts: Any, forward: Forward, loss
                 surrogate = surrogate + n * (value * g[i : i + 1]).sum()
             else:  # a batch-level scalar: every sample carries its whole batch gradient
                 surrogate = surrogate + (value * g).sum()
-        yield _grads(surrogate, params)
+        yield grads_fn(surrogate, params)
 
 
 def reduce_fisher(sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
@@ -149,12 +202,32 @@ def reduce_fisher(sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
     return out
 
 
+def fisher_in_layout(sums: dict[str, Tensor], count: int, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The Fisher from sums that already cover every rank's samples (no reduction), in the
+    parameters' layout: a DTensor parameter's Fisher is a DTensor holding this rank's shard."""
+    if count == 0:
+        raise ValueError("Fisher estimate saw no samples on any rank")
+    return {n: like(s / count, params[n]) for n, s in sums.items()}
+
+
+def global_sum(tensors: Iterable[Tensor]) -> float:
+    """Sum of every element over all ranks: DTensors' local shards are added over ranks (one
+    all-reduce, a collective when any is a DTensor), plain (replicated) tensors counted once."""
+    tensors = list(tensors)
+    sharded = [local(t).double().sum() for t in tensors if is_dtensor(t)]
+    total = sum(float(t.double().sum()) for t in tensors if not is_dtensor(t))
+    if sharded:
+        total += float(D.all_reduce_sum(torch.stack(sharded).sum().reshape(1)))
+    return total
+
+
 def normalize_mean(fisher: dict[str, Tensor]) -> dict[str, Tensor]:
     """Scale a Fisher so its mean over every tracked element is 1. Then ``λ`` means the same as in
     the uniform-importance L2 baseline (same total stiffness, redistributed by importance) and
-    does not depend on the loss scale, the estimator or the batch size."""
-    total = sum(float(f.double().sum()) for f in fisher.values())
-    numel = sum(f.numel() for f in fisher.values())
+    does not depend on the loss scale, the estimator or the batch size. Sharded Fishers: the
+    mean over the whole (global) Fisher, a collective."""
+    total = global_sum(fisher.values())
+    numel = sum(f.numel() for f in fisher.values())  # a DTensor's numel is its global one
     mean = total / max(numel, 1)
     if not math.isfinite(mean) or mean <= 0:
         raise ValueError(f"cannot normalise a Fisher estimate with mean {mean}")
@@ -168,7 +241,8 @@ class EWCPenalty:
     - ``online`` (Schwarz et al. 2018): one running Fisher ``F ← γ F + F_new`` and one anchor, the
       parameters after the latest task; memory stays constant over the stream.
 
-    A Fisher of ``None`` means uniform importance (``F ≡ 1``): plain L2 to the anchor(s).
+    A Fisher of ``None`` means uniform importance (``F ≡ 1``): plain L2 to the anchor(s). Fisher
+    and anchor of a DTensor parameter are DTensors in its layout (see the module docstring).
 
     Args:
         mode: ``separate`` or ``online``.
@@ -206,22 +280,50 @@ class EWCPenalty:
         """The penalty's value and its analytic gradient ``λ Σ_t F_t (θ − θ*_t)`` per parameter.
 
         Computed without autograd, so the caller can add the gradient to ``p.grad`` after the data
-        loss's backward (and after DDP averaged it: the penalty is the same on every rank).
+        loss's backward (and after DDP averaged it: the penalty is the same on every rank). For a
+        DTensor parameter the gradient is this rank's local shard (``like`` puts it back in the
+        parameter's layout), and the value adds every rank's shards: a collective whenever a
+        parameter is a DTensor, so every rank must call it.
         """
         value = torch.zeros((), dtype=torch.float32, device=_device(params))
         grads: dict[str, Tensor] = {}
         if lam == 0 or not self.terms:
             return value, grads
+        sharded = torch.zeros((), dtype=torch.float32, device=value.device)
+        any_sharded = False
         with torch.no_grad():
             for term in self.terms:
                 fisher, anchor = term["fisher"], term["anchor"]
                 for n, p in params.items():
-                    diff = p.detach() - anchor[n]
-                    weighted = diff if fisher is None else fisher[n] * diff
-                    value = value + 0.5 * lam * (weighted * diff).sum().float()
+                    diff = local(p.detach()) - local(anchor[n])
+                    weighted = diff if fisher is None else local(fisher[n]) * diff
+                    part = 0.5 * lam * (weighted * diff).sum().float()
+                    if is_dtensor(p):
+                        sharded, any_sharded = sharded + part, True
+                    else:
+                        value = value + part
                     g = lam * weighted
                     grads[n] = grads[n] + g if n in grads else g
+        if any_sharded:  # each rank holds a part of the sharded parameters' sum
+            value = value + D.all_reduce_sum(sharded.reshape(1))[0]
         return value, grads
+
+    def loss(self, params: dict[str, Tensor], lam: float) -> Tensor:
+        """The penalty as a differentiable function of whole (not sharded) parameters, for a
+        backward pass that must carry it (DeepSpeed ZeRO-1/2: gradients are reduced and
+        partitioned inside its backward, so nothing can be added to ``p.grad`` afterwards)."""
+        if any(is_dtensor(p) for p in params.values()):
+            raise ValueError("EWCPenalty.loss needs whole parameters; use the analytic gradient for DTensors")
+        value = torch.zeros((), dtype=torch.float32, device=_device(params))
+        if lam == 0 or not self.terms:
+            return value
+        for term in self.terms:
+            fisher, anchor = term["fisher"], term["anchor"]
+            for n, p in params.items():
+                diff = p - anchor[n]
+                weighted = diff if fisher is None else fisher[n] * diff
+                value = value + 0.5 * lam * (weighted * diff).sum().float()
+        return value
 
     def to(self, device: torch.device | str) -> EWCPenalty:
         for term in self.terms:
@@ -230,8 +332,38 @@ class EWCPenalty:
                     term[key] = {n: t.to(device) for n, t in term[key].items()}
         return self
 
+    def place(self, params: dict[str, Tensor]) -> EWCPenalty:
+        """Put every stored tensor in its parameter's layout and on its device: full tensors
+        restored from a checkpoint become this rank's shard of a DTensor parameter (no
+        communication: each rank cuts its own copy), whatever the world size that wrote them."""
+        for term in self.terms:
+            for key in ("fisher", "anchor"):
+                if term[key] is not None:
+                    term[key] = {
+                        n: t.to(params[n].device) if is_dtensor(t) or not is_dtensor(params[n]) else shard_like(t, params[n])
+                        for n, t in term[key].items()
+                    }
+        return self
+
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "gamma": self.gamma, "terms": self.terms, "tasks_consolidated": self.tasks_consolidated}
+        """The penalty's state with whole tensors. DTensors are gathered (a collective: call it
+        on every rank) one at a time, and kept, on the CPU, by rank 0 only, the rank that writes
+        the checkpoint; other ranks get ``terms: None``."""
+        terms = self.terms
+        if any(is_dtensor(t) for term in terms for part in term.values() if part for t in part.values()):
+            keep = D.rank() == 0
+
+            def whole(t: Tensor) -> Tensor | None:
+                full = t.full_tensor() if is_dtensor(t) else t  # every rank takes part in the gather
+                return full.cpu() if keep else None
+
+            terms = [
+                {key: None if part is None else {n: whole(t) for n, t in part.items()} for key, part in term.items()}
+                for term in terms
+            ]
+            if not keep:
+                terms = None
+        return {"mode": self.mode, "gamma": self.gamma, "terms": terms, "tasks_consolidated": self.tasks_consolidated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["mode"] != self.mode:

@@ -58,4 +58,10 @@ class ModalityDiscriminator(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """(N, in_dim) features → (N,) scores (logits for BCE, critic values for WGAN)."""
+        weight = next(self.parameters())
+        if features.dtype != weight.dtype:  # bf16 weights without autocast (DeepSpeed), or the reverse
+            features = features.to(weight.dtype)
+        for buf in self.buffers():  # spectral norm's power-iteration vectors must follow the weights' type
+            if buf.is_floating_point() and buf.dtype != weight.dtype:
+                buf.data = buf.data.to(weight.dtype)
         return self.net(features).squeeze(-1)

@@ -54,6 +54,11 @@ class DualEncoder(nn.Module):
 
     # -- shared ------------------------------------------------------------------------------
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        # Weights may be in bf16/fp16 without autocast (DeepSpeed's bf16, a low-precision teacher)
+        # while pixels arrive in another float type (or the reverse): feed the weights' type.
+        weight = next(self.parameters(), None)
+        if weight is not None and images.is_floating_point() and images.dtype != weight.dtype:
+            images = images.to(weight.dtype)
         f = self._encode_image(images)
         return F.normalize(f, dim=-1) if normalize else f
 
@@ -61,12 +66,15 @@ class DualEncoder(nn.Module):
         f = self._encode_text(texts)
         return F.normalize(f, dim=-1) if normalize else f
 
-    def forward(self, images: Tensor, texts) -> dict[str, Tensor]:
-        out: dict = {
-            "image_features": self.encode_image(images),
-            "text_features": self.encode_text(texts),
-            "logit_scale": self._log_scale().exp(),
-        }
+    def forward(self, images: Tensor | None, texts=None) -> dict[str, Tensor]:
+        """Both towers' normalised features; a tower whose input is None is skipped (e.g. the
+        zero-shot classifier's prompts). Calling the model itself, rather than ``encode_*``, is
+        what lets FSDP2 gather the root's weights."""
+        out: dict = {"logit_scale": self._log_scale().exp()}
+        if images is not None:
+            out["image_features"] = self.encode_image(images)
+        if texts is not None:
+            out["text_features"] = self.encode_text(texts)
         bias = self._bias()
         if bias is not None:
             out["logit_bias"] = bias

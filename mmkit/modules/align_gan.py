@@ -24,6 +24,14 @@ trained on detached features, and a backward that reaches only some of the param
 manages breaks DDP's reducer (it expects each of them to get a gradient in every backward). D's gradients are averaged here instead (through ``mmkit.distributed``), and its
 weights and spectral-norm vectors are copied from rank 0 when fitting starts, so D stays identical
 on every rank. The adversarial losses are normalised by the global batch (exact across ranks).
+
+Under FSDP2 (``ModelParallelStrategy``) both modes run: the encoders are sharded, D stays
+replicated (a small MLP on the embeddings: sharding it would save nothing) and is kept identical
+on every rank exactly as under DDP (broadcast at the start, gradients averaged here).
+
+Under DeepSpeed only ``mode: gradient_reversal`` runs (Lightning's ``DeepSpeedStrategy`` takes one
+optimizer): there D is inside the engine like the encoders, so DeepSpeed reduces (and under ZeRO
+partitions) its gradients and weights; mmkit then only copies D's spectral-norm buffers from rank 0.
 """
 
 from __future__ import annotations
@@ -128,10 +136,11 @@ class AlignGAN(DualEncoderModule):
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if ds.deepspeed_strategy(self) is not None:
+        if ds.deepspeed_strategy(self) is not None and self.mode == "alternating":
             raise ValueError(
-                "AlignGAN does not run under DeepSpeed (two optimizers, and D is kept outside the "
-                "data-parallel wrapper); use strategy: ddp"
+                "AlignGAN mode: alternating needs two optimizers, and Lightning's DeepSpeedStrategy "
+                "supports one: under DeepSpeed use mode: gradient_reversal (one optimizer, D trained "
+                "through a gradient reversal layer), or keep mode: alternating with strategy: ddp"
             )
         super().configure_model()
         if self.discriminator is None:
@@ -151,7 +160,10 @@ class AlignGAN(DualEncoderModule):
         this for the parameters it manages, does not manage D."""
         if distributed.world_size() == 1:
             return
-        tensors = list(self.discriminator.state_dict().values())
+        # DeepSpeed broadcast the parameters it holds when it built its engine (and keeps their
+        # master copy apart, which a copy here would miss); not the spectral-norm buffers.
+        tensors = [p.data for p in self.discriminator.parameters() if not ds.is_deepspeed_param(p)]
+        tensors += list(self.discriminator.buffers())
         flat = torch.cat([t.reshape(-1) for t in tensors])
         src = distributed.all_gather_no_grad(flat[None])[0]
         offset = 0
@@ -161,8 +173,8 @@ class AlignGAN(DualEncoderModule):
 
     def _sync_discriminator_grads(self) -> None:
         """Average D's gradients over ranks, as DDP does for the parameters it manages."""
-        if distributed.world_size() == 1:
-            return
+        if distributed.world_size() == 1 or ds.holds(self.discriminator):
+            return  # DeepSpeed (gradient_reversal mode) holds D and has already averaged them
         params = [p for p in self.discriminator.parameters() if p.grad is not None]
         if not params:
             return
@@ -269,7 +281,7 @@ class AlignGAN(DualEncoderModule):
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        self.model.clamp_logit_scale(self.max_logit_scale)
+        ds.clamp_logit_scale(self.model, self.max_logit_scale)  # DeepSpeed: its fp32 master copy too
         stats = {**terms, **d_stats}
         if d_opt is None:
             stats["grl_weight"] = torch.tensor(self.grl.weight)
@@ -324,10 +336,11 @@ class AlignGAN(DualEncoderModule):
         total = int(total)
         if self.mode == "gradient_reversal":
             groups.append({"params": d_params, "lr": self.d_lr, "betas": self.d_betas, "weight_decay": self.d_weight_decay})
-            opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
+            opt = self._adamw(groups)
             sched = warmup_cosine(opt, self.warmup_steps, total, self.min_lr_ratio)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
-        d_opt = torch.optim.Adam(d_params, lr=self.d_lr, betas=self.d_betas, weight_decay=self.d_weight_decay)
+        opt = self._adamw(groups)
+        d_opt = torch.optim.Adam(d_params, lr=self.d_lr, betas=self.d_betas, weight_decay=self.d_weight_decay,
+                                 fused=self._fused([{"params": d_params}]))
         sched = warmup_cosine(opt, self.warmup_steps, total, self.min_lr_ratio)
         return [opt, d_opt], [{"scheduler": sched, "interval": "step"}]

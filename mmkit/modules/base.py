@@ -21,8 +21,11 @@ from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
 from mmkit.modules import deepspeed_support as ds
 from mmkit.modules.grad_cache import chunked_backward
-from mmkit.modules.optim import param_groups, warmup_cosine
-from mmkit.modules.sharding import average_replicated_grads, full_state_dict, is_sharded, shard_dual_encoder
+from mmkit.modules.optim import fused_adamw_supported, param_groups, warmup_cosine
+from mmkit.modules.sharding import (
+    average_replicated_grads, clip_grad_norm_, full_state_dict, is_sharded, shard_dual_encoder,
+    split_replicated_groups,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,12 +137,24 @@ class DualEncoderModule(L.LightningModule):
         rank) and return their values as named ``*_loss`` terms. Default: none."""
         return {}
 
+    def backward_penalty_terms(self) -> dict[str, Tensor]:
+        """Hook for parameter-space penalties that must go through the backward pass instead
+        (DeepSpeed ZeRO, whose backward reduces and partitions the gradients, so nothing can be
+        added to ``p.grad`` afterwards): named ``*_loss`` terms, differentiable in the parameters
+        and the same on every rank. Added to the loss of a plain step; with ``accumulate_chunks``
+        back-propagated once more inside the step's single gradient reduction. Default: none."""
+        return {}
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if batch["images"].shape[0] == 0 and D.world_size() == 1:
             return None  # every sample of this batch was bad (counted by the data layer)
         opt = self.optimizers()
         engine = self.trainer.strategy.model if self._trainer is not None else None
+        penalty = self.backward_penalty_terms()
         with ds.coalesced_backward(engine, self.accumulate_chunks):  # DeepSpeed: one reduction for all chunks
+            if penalty and self.accumulate_chunks > 1 and loss_total(penalty).requires_grad:
+                with self._no_sync():  # reduced with the chunks' gradients (DDP: by the last chunk)
+                    self.manual_backward(loss_total(penalty))
             terms = chunked_backward(
                 self.forward,
                 lambda **out: self.compute_loss(out, batch),
@@ -149,7 +164,8 @@ class DualEncoderModule(L.LightningModule):
                 self.manual_backward,
                 self._no_sync,
                 params=self._parameters_outside_model(),
-            ) if self.accumulate_chunks > 1 else self._plain_backward(batch)
+            ) if self.accumulate_chunks > 1 else self._plain_backward(batch, penalty)
+        terms.update({k: v.detach() for k, v in penalty.items()})
         terms.update(self.add_penalty_gradients())
         total = loss_total(terms).detach()
 
@@ -157,8 +173,8 @@ class DualEncoderModule(L.LightningModule):
             self._skip_step(opt, terms)
             return total
         self._consecutive_nonfinite = 0
-        if is_sharded(self.model):
-            average_replicated_grads(self.model)
+        if is_sharded(self.model):  # the temperature and modules beside the model (heads, a loss's projection)
+            average_replicated_grads(self)
         if self.grad_clip_norm:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
         opt.step()
@@ -168,15 +184,31 @@ class DualEncoderModule(L.LightningModule):
         self.lr_schedulers().step()
         return total
 
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if by_norm and self.model is not None and is_sharded(self.model):
+            # FSDP2: torch's clip refuses sharded gradients mixed with replicated non-scalar ones
+            # (MetricAlign's heads, a loss's projection, AlignGAN's D): clip them as one norm here.
+            clip_grad_norm_(params, gradient_clip_val)
+            return
+        if by_norm and not ds.holds(self.model) and getattr(optimizer, "defaults", {}).get("fused"):
+            # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (made for
+            # fp16's scaler, which the fused kernel unscales itself); fused is never chosen with
+            # fp16 (configure_optimizers), so the gradients here are unscaled: clip them directly.
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def _parameters_outside_model(self) -> list[Tensor]:
         # Trainable parameters a loss owns (e.g. KD's learned projection): chunked accumulation
         # must back-propagate the loss into them as well as into the model.
         in_model = {id(p) for p in self.model.parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in in_model]
 
-    def _plain_backward(self, batch: dict) -> dict[str, Tensor]:
+    def _plain_backward(self, batch: dict, penalty: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         terms = self.compute_loss(self.forward(batch["images"], batch["texts"]), batch)
-        self.manual_backward(loss_total(terms))
+        self.manual_backward(loss_total(terms) + loss_total(penalty or {}))
         return {k: v.detach() for k, v in terms.items()}
 
     def _no_sync(self):
@@ -231,9 +263,10 @@ class DualEncoderModule(L.LightningModule):
             def encode(prompts: list[str]) -> Tensor:
                 tokens = tokenize(prompts)
                 tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(self.device)
-                return self.project({"text_features": self.model.encode_text(tokens)})["text_features"]
+                # Through the model's own forward (not encode_text): FSDP2 gathers the root there.
+                return self.project({"text_features": self.model(None, tokens)["text_features"]})["text_features"]
 
-            # ZeRO-3 fetches parameters only inside a module's forward; this runs outside any.
+            # ZeRO-3 gathers parameters only inside a module's forward; this runs outside any.
             with torch.no_grad(), ds.gathered(self):
                 self._classifier = build_zeroshot_classifier(self.zero_shot_classes, self.zero_shot_templates, encode)
 
@@ -278,19 +311,32 @@ class DualEncoderModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         """Normalised image and text embeddings with each row's index (written by
         ``mmkit.callbacks.EmbeddingWriter``)."""
+        out = self.forward(batch["images"], batch["texts"])  # the model's forward: FSDP2 gathers its root there
         return {
-            "image_features": self.project({"image_features": self.model.encode_image(batch["images"])})["image_features"].float(),
-            "text_features": self.project({"text_features": self.model.encode_text(batch["texts"])})["text_features"].float(),
+            "image_features": out["image_features"].float(),
+            "text_features": out["text_features"].float(),
             "index": batch["index"],
             "image_id": batch["image_id"],
         }
 
     # -- optimisation ------------------------------------------------------------------------
+    def _adamw(self, groups: list[dict]) -> torch.optim.AdamW:
+        """AdamW over ``groups`` as every technique builds it: torch's fused kernel where it has one;
+        under FSDP2 sharded and replicated parameters in separate groups (torch's fused and foreach
+        kernels take one kind of tensor per group)."""
+        if self.model is not None and is_sharded(self.model):
+            groups = split_replicated_groups(groups)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=self._fused(groups))
+
+    def _fused(self, groups: list[dict]) -> bool | None:
+        # fp16 with a gradient scaler: torch's default, so Lightning's scaler and clipping work as usual.
+        fp16 = self._trainer is not None and str(self.trainer.precision).startswith("16")
+        return None if fp16 else fused_adamw_supported(groups)
+
     def configure_optimizers(self):
         # Every trainable parameter of the module: the model's, and a loss's own (e.g. a learned
         # projection); frozen ones (locked towers, a teacher) are left out by param_groups.
-        groups = param_groups(self, self.weight_decay)
-        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
+        opt = self._adamw(param_groups(self, self.weight_decay))
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
             raise ValueError(
@@ -302,7 +348,9 @@ class DualEncoderModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- export ------------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        # Not on_fit_end: Lightning tears the strategy down before that hook (the model moved to
+        # the CPU), and the sharded strategies' gather below is an NCCL collective on GPU tensors.
         if self.export_dir == "":
             return
         model = self.model

@@ -22,6 +22,15 @@ DeepSpeed takes over parts of the step that mmkit's manual optimisation does its
   built (a few GiB even for ViT-bigG);
 - DeepSpeed cannot broadcast 0-dim parameters (the temperature): see ``patch_scalar_params``.
 
+What the techniques own beside the model goes where its kind says (tested: CLIPPretrain,
+MetricAlign, KDStudent and AlignGAN's ``gradient_reversal`` mode, ZeRO-2 and ZeRO-3):
+trainable submodules (MetricAlign's projection heads, a loss's own parameters such as KD's
+projection, AlignGAN's D) are inside the engine like the model, so DeepSpeed reduces, partitions
+and steps them; buffers (MetricAlign's memory queue, D's spectral-norm vectors) stay whole on every
+process; KD's frozen teacher is not a submodule, so DeepSpeed never sees it: whole on every
+process, in neither the optimizer nor the partitions. AlignGAN's ``alternating`` mode (two
+optimizers) is refused: Lightning's ``DeepSpeedStrategy`` takes one.
+
 Sharded checkpoints are read back into one state dict by ``consolidated_state_dict`` (used by
 ``mmkit export``). Nothing here imports DeepSpeed unless the strategy, engine, parameters or
 checkpoint are DeepSpeed's, or a command names it (``import_quietly_if_named``).

@@ -12,9 +12,25 @@ gradient ``λ F (θ − θ*)`` after the data loss's backward (and DDP's averagi
 all-reduced, so every rank holds the same penalty), before gradient clipping. Baselines are settings of the same module:
 ``ewc_lambda: 0`` is plain fine-tuning, ``importance: uniform`` is L2 to the anchor (F ≡ 1).
 
+Strategies (each exact against one process with the whole batch, tested on 2 gloo processes):
+
+- one device, DDP: Fisher and anchors are whole tensors, the same on every rank.
+- FSDP2 (``ModelParallelStrategy``): Fisher and anchors are DTensors in their parameter's layout,
+  so each rank stores its shard; the penalty's value is summed over the shards, its gradient is
+  added to the sharded ``p.grad`` (replicated 0-dim parameters: to their local gradient, before
+  mmkit averages it). FSDP reduces every backward's gradients over ranks before they could be
+  squared, so for the Fisher every rank scores every rank's samples (the estimate costs what it
+  costs on one process; memory stays sharded) and keeps its shard of each squared gradient.
+- DeepSpeed ZeRO-1/2: gradients are reduced and partitioned inside DeepSpeed's backward, so the
+  penalty is instead added to the loss before backward (``backward_penalty_terms``); the Fisher
+  uses ``torch.autograd.grad``, which DeepSpeed's gradient hooks do not see. ZeRO-3 (parameters
+  partitioned) is refused.
+
 The penalty state and the matrix live in the checkpoint, so a run can stop after any task and
-resume. The matrix is written after every task as CSV + heatmap under ``<log dir>/continual/``
-and logged as ``continual/<score>_task<d>`` and ``continual/<score>_<avg|last|bwt|forgetting|fwt>``.
+resume (under FSDP the checkpoint holds the whole tensors, gathered to rank 0, which are cut to
+the parameters' layout again on resume, also for another world size). The matrix is written
+after every task as CSV + heatmap under ``<log dir>/continual/`` and logged as
+``continual/<score>_task<d>`` and ``continual/<score>_<avg|last|bwt|forgetting|fwt>``.
 
 Scores: ``R@1`` is the mean of image→text and text→image Recall@1 on the task's validation part
 (both also kept on their own as ``i2t_R@1``, ``t2i_R@1``); ``R@5`` likewise for Recall@5 (less
@@ -36,11 +52,21 @@ from torch import Tensor, nn
 from mmkit import distributed as D
 from mmkit.callbacks.continual_report import write_continual_report
 from mmkit.losses.contrastive import ClipLoss
-from mmkit.losses.ewc import EWCPenalty, fisher_sums, normalize_mean, reduce_fisher
+from mmkit.losses.ewc import (
+    EWCPenalty,
+    autograd_grads,
+    fisher_in_layout,
+    fisher_sums,
+    like,
+    local,
+    normalize_mean,
+    reduce_fisher,
+)
 from mmkit.metrics.continual import ContinualMatrix
 from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier
 from mmkit.models.spec import ModelSpec
+from mmkit.modules import deepspeed_support as ds
 from mmkit.modules.base import DualEncoderModule
 from mmkit.modules.optim import param_groups
 from mmkit.modules.sharding import is_sharded
@@ -139,17 +165,31 @@ class EWCIncremental(DualEncoderModule):
         return self.matrix
 
     def _tracked(self) -> dict[str, nn.Parameter]:
+        _reshard(self.model)  # FSDP2: the parameters as the optimizer holds them (sharded DTensors)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_fit_start(self) -> None:
         self._stream()
-        if is_sharded(self.model):
-            raise NotImplementedError("EWCIncremental runs on one device or under DDP (its Fisher and anchors are "
-                                      "full tensors per rank), not on sharded parameters")
+        self._check_strategy()
         self._ensure_matrix()
 
+    def _check_strategy(self) -> None:
+        # ZeRO-3 marks the parameters it partitions with ``ds_id``; they are gathered only inside
+        # a forward, so neither the Fisher estimate nor the penalty could read them.
+        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            raise NotImplementedError(
+                "EWCIncremental does not run under DeepSpeed ZeRO stage 3 (parameters partitioned over ranks): "
+                "use ZeRO stage 1 or 2 (e.g. recipes/deepspeed/zero2.json) or FSDP2 "
+                "(lightning.pytorch.strategies.ModelParallelStrategy), which EWCIncremental supports"
+            )
+
+    def _penalty_in_backward(self) -> bool:
+        # DeepSpeed ZeRO-1/2 holds the parameters (ZeRO-3 is refused above): its backward reduces and
+        # partitions the gradients, so the penalty must be part of that backward.
+        return ds.holds(self.model)
+
     def on_train_start(self) -> None:
-        self.penalty.to(self.device)
+        self.penalty.place(self._tracked())  # on the device; restored whole tensors cut to FSDP shards
         matrix = self._ensure_matrix()
         fresh = self.global_step == 0 and matrix.tasks_done == 0 and not matrix.before
         if self.evaluate_before and fresh:
@@ -165,13 +205,25 @@ class EWCIncremental(DualEncoderModule):
 
     # -- training ------------------------------------------------------------------------------
     def add_penalty_gradients(self) -> dict[str, Tensor]:
+        if self._penalty_in_backward():
+            return {}  # already in the backward pass (backward_penalty_terms)
         params = self._tracked()
-        value, grads = self.penalty(params, self.ewc_lambda)
-        for name, g in grads.items():
-            p = params[name]
-            g = g.to(p.dtype)
-            p.grad = g if p.grad is None else p.grad.add_(g)
+        value, grads = self.penalty(params, self.ewc_lambda)  # FSDP: local shards; value all-reduced
+        with torch.no_grad():
+            for name, g in grads.items():
+                p = params[name]
+                g = like(g.to(p.dtype), p)  # a DTensor in the layout of p (and of its sharded grad)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
         return {"ewc_loss": value}
+
+    def backward_penalty_terms(self) -> dict[str, Tensor]:
+        if not self._penalty_in_backward():
+            return {}
+        # The same value on every rank: DeepSpeed's averaging over ranks keeps its gradient as is.
+        return {"ewc_loss": self.penalty.loss(self._tracked(), self.ewc_lambda)}
 
     def on_train_epoch_end(self) -> None:
         dm = self._stream()
@@ -198,6 +250,8 @@ class EWCIncremental(DualEncoderModule):
         was_training = self.model.training
         self.model.eval()
         rows: dict[str, list[float]] = defaultdict(list)
+        # FSDP gathers parameters inside every forward: all ranks must run the same number of them.
+        lockstep = is_sharded(_reshard(self.model))
         try:
             classifier = self._zero_shot_classifier()
             for task in range(dm.num_tasks):
@@ -205,6 +259,9 @@ class EWCIncremental(DualEncoderModule):
                 n = 0
                 for batch in dm.task_loader(task, "val"):
                     if batch["images"].shape[0] == 0:
+                        if lockstep:
+                            batch = move_data_to_device(batch, self.device)
+                            self.model(batch["images"], batch["texts"])
                         continue
                     batch = move_data_to_device(batch, self.device)
                     out = self.model(batch["images"], batch["texts"])
@@ -234,30 +291,52 @@ class EWCIncremental(DualEncoderModule):
         tokenize = self.preprocessing.tokenize
 
         def encode(prompts: list[str]) -> Tensor:
-            return self.model.encode_text(move_data_to_device(tokenize(prompts), self.device))
+            return self.model(None, move_data_to_device(tokenize(prompts), self.device))["text_features"]  # FSDP2: via forward
 
         return build_zeroshot_classifier(self.zero_shot_classes, self.zero_shot_templates, encode)
 
     # -- Fisher --------------------------------------------------------------------------------
     def _estimate_fisher(self, task: int) -> dict[str, Tensor]:
         loader = self._stream().task_loader(task, "train", batch_size=self.fisher_batch_size, shuffle=True)
-        batches = (
-            (b["images"], b["texts"])
-            for b in (move_data_to_device(b, self.device) for b in loader)
-            if b["images"].shape[0] > 0
-        )
         per_rank = math.ceil(self.fisher_samples / D.world_size())
+        batches = _take(((b["images"], b["texts"]) for b in loader if b["images"].shape[0] > 0), per_rank)
+        params = self._tracked()  # (resharded first)
+        sharded = is_sharded(self.model)
+        if sharded:
+            # FSDP averages each backward's gradients over ranks (reduce-scatter) before anyone could
+            # square them: so every rank scores every rank's samples, one backward each, and squares
+            # its shard of that sample's exact gradient. Same samples and sums as the DDP path.
+            batches = _every_ranks_batches(batches)
+        batches = (move_data_to_device(b, self.device) for b in batches)
         was_training = self.model.training
         self.model.eval()  # the Fisher of the deterministic model (no dropout)
+        stash = {p: p.grad for p in self.parameters()} if sharded else {}
         try:
+            for p in stash:
+                p.grad = None
             sums, count = fisher_sums(
-                self._tracked(), batches, self.model, lambda **out: self.compute_loss(out, {}), per_rank,
-                self.fisher_estimator,
+                params, batches, self.model, lambda **out: self.compute_loss(out, {}),
+                per_rank * D.world_size() if sharded else per_rank, self.fisher_estimator,
+                self._backward_grads if sharded else autograd_grads,
             )
         finally:
             self.model.train(was_training)
-        fisher = reduce_fisher(sums, count)  # collective: the same Fisher on every rank
+            for p, g in stash.items():
+                p.grad = g
+        # DDP / one device: a collective sum of the ranks' shares, the same Fisher on every rank.
+        fisher = fisher_in_layout(sums, count, params) if sharded else reduce_fisher(sums, count)
         return normalize_mean(fisher) if self.normalize_fisher else fisher
+
+    def _backward_grads(self, output: Tensor, params: dict[str, Tensor]) -> list[Tensor]:
+        """Gradients through FSDP's own backward (``autograd.grad`` cannot reach sharded
+        parameters): every rank back-propagates the same sample, so the reduced gradient is that
+        sample's; returns each parameter's local shard and clears ``p.grad``."""
+        output.backward()
+        with torch.no_grad():
+            grads = [torch.zeros_like(local(p)) if p.grad is None else local(p.grad) for p in params.values()]
+        for p in self.parameters():
+            p.grad = None
+        return grads
 
     # -- reporting -----------------------------------------------------------------------------
     def _log_matrix(self, task: int) -> None:
@@ -280,7 +359,7 @@ class EWCIncremental(DualEncoderModule):
     def configure_optimizers(self):
         if not self.schedule_per_task:
             return super().configure_optimizers()
-        opt = torch.optim.AdamW(param_groups(self, self.weight_decay), lr=self.lr, betas=self.betas, eps=self.eps)
+        opt = self._adamw(param_groups(self, self.weight_decay))
         # A function, not a callable object: LambdaLR then keeps it out of the checkpoint.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self._lr_factor())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -315,3 +394,41 @@ class EWCIncremental(DualEncoderModule):
         self.penalty.load_state_dict(state["penalty"])
         self._task, self._task_start_step = int(state["task"]), int(state["task_start_step"])
         self.matrix, self._matrix_state = None, state["matrix"]
+
+
+def _reshard(model: nn.Module) -> nn.Module:
+    """Free FSDP2's unsharded parameters and register the sharded ones again. A forward without a
+    backward (evaluation) leaves the root's parameters unsharded (FSDP2 does not reshard the root
+    after forward), and ``named_parameters()`` would then return whole plain tensors. Local, no
+    communication; a no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
+
+
+def _take(batches, n: int):
+    """The first ``n`` samples of ``(images, texts)`` batches (the last batch cut to fit)."""
+    if n <= 0:
+        return
+    for images, texts in batches:
+        if images.shape[0] > n:
+            images = images[:n]
+            texts = {k: v[:n] for k, v in texts.items()} if isinstance(texts, dict) else texts[:n]
+        n -= images.shape[0]
+        yield images, texts
+        if n <= 0:
+            return  # before the loader loads another batch
+
+
+def _every_ranks_batches(batches):
+    """Every rank's batches on every rank, in rank order, round by round (a collective per round
+    until every rank has run out). Batches are gathered as they come from the loader (CPU)."""
+    mine = iter(batches)
+    while True:
+        everyone = D.all_gather_object(next(mine, None))
+        if all(b is None for b in everyone):
+            return
+        yield from (b for b in everyone if b is not None)

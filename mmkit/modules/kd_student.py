@@ -11,7 +11,9 @@ Where the teacher lives: it is *not* a registered submodule (it is built on firs
 aside). So it is in neither the optimizer, nor the Lightning checkpoint's ``state_dict`` (a
 checkpoint holds the student and the loss's projection only, and resuming rebuilds the teacher
 from its spec), nor the exported student, nor DDP/FSDP wrapping; the module moves it to its own
-device when it uses it. It stays in eval mode whatever ``train()`` is called with.
+device when it uses it. It stays in eval mode whatever ``train()`` is called with. Under FSDP2
+(a device mesh) it is sharded on its own (``sharding.shard_frozen``, same data-parallel mesh):
+each rank keeps about 1/N of its weights, and each teacher call gathers them block by block.
 
 Inputs: teacher and student may use different transforms and tokenizers. ``preprocessing``
 offers the student's plus an extra view ``teacher`` (the teacher's tokenizer and its evaluation
@@ -41,6 +43,7 @@ from mmkit.models.dual_encoder import DualEncoder
 from mmkit.models.spec import ModelSpec
 from mmkit.models.teacher import FrozenTeacher, StudentTeacherPreprocessing, Teacher
 from mmkit.modules.base import DualEncoderModule
+from mmkit.modules.sharding import is_sharded, shard_frozen
 
 _TOWERS = ("both", "image", "text")
 _SPLITS = ("train", "val", "test")
@@ -160,6 +163,10 @@ class KDStudent(DualEncoderModule):
                 f"{self.model.embed_dim} != teacher width {teacher_dim} (choose a student architecture with embed_dim {teacher_dim})"
             )
         self.loss.setup_dims(self.model.embed_dim, teacher_dim)  # the learned projection, if the widths differ
+        if self.device_mesh is not None and self.teacher_spec is not None and not is_sharded(self.teacher):
+            # FSDP2: split the frozen teacher's weights over the data-parallel ranks too (built
+            # now, on every rank alike: its build is seeded); it is gathered block by block in forward.
+            shard_frozen(self.teacher, self.device_mesh["data_parallel"])
 
     @property
     def preprocessing(self):
@@ -179,7 +186,7 @@ class KDStudent(DualEncoderModule):
             if self.teacher_spec is None:
                 raise ValueError("KDStudent: this needs the live teacher, but `teacher` is not set")
             object.__setattr__(self, "_teacher", self.teacher_spec.build())
-        if self._teacher.device != self.device:
+        if self._teacher.device != self.device and not is_sharded(self._teacher):  # FSDP placed a sharded one
             self._teacher.to(self.device)
         return self._teacher
 

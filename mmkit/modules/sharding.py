@@ -1,8 +1,19 @@
-"""FSDP2 sharding of a dual encoder, applied in ``configure_model`` under Lightning's
-``ModelParallelStrategy`` (which provides the device mesh)."""
+"""FSDP2 sharding under Lightning's ``ModelParallelStrategy`` (which provides the device mesh),
+applied in ``configure_model``: the trained dual encoder (``shard_dual_encoder``) and a frozen
+module run beside it, such as a distillation teacher (``shard_frozen``).
+
+What stays replicated: 0-dim parameters (FSDP2 cannot shard them: the temperature, the logit
+bias) and small trainable modules kept beside the model (MetricAlign's projection heads, a
+distillation loss's projection, AlignGAN's discriminator): plain tensors, the same on every rank
+as long as every rank builds them alike (seeded), as for the sharded model. After backward,
+``average_replicated_grads`` averages their gradients over ranks, as DDP would;
+``clip_grad_norm_`` clips them together with the sharded ones, and
+``split_replicated_groups`` keeps them in optimizer groups of their own.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from mmkit import distributed as D
@@ -33,14 +44,75 @@ def shard_dual_encoder(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
+def shard_frozen(module: nn.Module, mesh) -> nn.Module:
+    """Shard a frozen module that only runs forward (no gradients; e.g. ``FrozenTeacher``) by the
+    same block rule, so each rank keeps about 1/N of its weights. Every call of its ``forward``
+    is then a collective: all ranks must call it equally often. Its blocks and its root are
+    freed again after each forward (there is no backward to keep them for); 0-dim parameters
+    stay replicated. Only ``forward`` gathers the root's parameters: call the module itself."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in _blocks(module):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=set(replicated_params(module)))
+    return module
+
+
 def replicated_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.ndim == 0]
 
 
-def average_replicated_grads(model: nn.Module) -> None:
-    for p in replicated_params(model):
-        if p.grad is not None:
-            p.grad.copy_(D.all_reduce_sum(p.grad) / D.world_size())
+def average_replicated_grads(module: nn.Module) -> None:
+    """Average over ranks the gradients of ``module``'s parameters that FSDP does not manage
+    (not DTensors): those of a sharded model are its 0-dim ones; given the LightningModule, also
+    those of trainable modules kept replicated beside the model. One all-reduce per dtype."""
+    from torch.distributed.tensor import DTensor
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in module.parameters():
+        if p.grad is not None and not isinstance(p, DTensor):
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = D.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / D.world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def split_replicated_groups(groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups with the sharded (DTensor) and the replicated (plain) parameters
+    of each group apart, same settings: torch's multi-tensor AdamW kernels (fused, foreach) refuse
+    a list that mixes them."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for group in groups:
+        sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+        plain = [p for p in group["params"] if not isinstance(p, DTensor)]
+        out += [{**group, "params": params} for params in (sharded, plain) if params]
+    return out
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of FSDP-sharded (DTensor) and replicated (plain) parameters
+    together, as one process would; torch's ``clip_grad_norm_`` refuses such a mix (beyond 0-dim
+    tensors). Replicated gradients must already be averaged (identical on every rank). Returns
+    the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    groups = [g for g in ([p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]) if g]
+    if not groups:
+        return torch.zeros(())
+    norms = []
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # sharded: reduced over ranks
+    total = torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+    for group in groups:
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -54,3 +126,4 @@ def full_state_dict(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 # DeepSpeed picks its accelerator when first imported; there is no GPU in CI.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -16,6 +17,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def skip_shm_kernel() -> None:
@@ -35,6 +38,35 @@ def init_process(rank: int, world: int) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
+
+
+def ds_config(name: str, micro_batch: int) -> dict:
+    """A shipped DeepSpeed JSON (``recipes/deepspeed/<name>.json``) completed as Lightning completes
+    it for an fp32 run without clipping or accumulation. ``zero3_partitioned``: ``zero3.json`` with
+    no small parameter kept whole, so every parameter is partitioned, as in a large model."""
+    file = "zero3" if name == "zero3_partitioned" else name
+    cfg = json.loads((ROOT / "recipes" / "deepspeed" / f"{file}.json").read_text())
+    if name == "zero3_partitioned":
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1, gradient_clipping=0.0)
+    return cfg
+
+
+def in_engine_forward(engine, module, step):
+    """Run ``step()`` inside the engine's forward, as Lightning runs ``training_step`` (its forward
+    redirection): ZeRO-3 fetches partitioned parameters only inside a forward. ``step`` calls the
+    module's real ``forward`` (as ``training_step`` does), not ``module(...)``."""
+    original = module.forward
+
+    def redirected(*_):
+        module.forward = original
+        return step()
+
+    module.forward = redirected
+    try:
+        return engine(torch.zeros(1))
+    finally:
+        del module.forward  # back to the class's method
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

@@ -15,7 +15,7 @@ from mmkit.data import ImageTextDataModule, SyntheticShapes
 from mmkit.losses import ClipLoss
 from mmkit.models import OpenCLIP
 from mmkit.modules import NonFiniteLossError
-from mmkit.modules.optim import param_groups, warmup_cosine
+from mmkit.modules.optim import fused_adamw_supported, param_groups, warmup_cosine
 
 
 def _fit(module, tmp_path, steps=2, batch=8, train_size=64, val=None, callbacks=(), **trainer_kw):
@@ -131,6 +131,36 @@ def test_locked_parameters_never_reach_the_optimizer(tiny_arch):
     in_optimizer = {id(p) for g in groups for p in g["params"]}
     assert id(model.clip.token_embedding.weight) not in in_optimizer
     assert id(model.clip.visual.conv1.weight) in in_optimizer
+
+
+def test_optimizer_is_torchs_fused_adamw_with_the_same_update(tiny_arch, tmp_path):
+    module = _module(tiny_arch, warmup_steps=1, weight_decay=0.1)
+    recorder = _GradRecorder()
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer, _ = _fit(module, tmp_path, steps=1, callbacks=[recorder])
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    # The same step with torch's default (unfused) AdamW from the recorded gradients.
+    ref = {n: p.clone().requires_grad_() for n, p in before.items()}
+    named = dict(module.model.named_parameters())
+    ref_groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [ref[n] for n, p in named.items() if any(p is q for q in g["params"])]}
+                  for g in param_groups(module.model, 0.1)]
+    ref_opt = torch.optim.AdamW(ref_groups, lr=module.lr, betas=module.betas, eps=module.eps, fused=False)
+    for n, p in ref.items():
+        p.grad = recorder.grads[n]
+    ref_opt.step()
+    for n, p in module.model.named_parameters():
+        assert torch.allclose(p.detach(), ref[n].detach(), rtol=1e-5, atol=1e-7), n
+
+
+def test_fused_adamw_only_where_torch_has_the_kernel():
+    on_cpu = torch.nn.Linear(2, 2)
+    assert fused_adamw_supported(param_groups(on_cpu, 0.1)) is True
+    on_meta = torch.nn.Linear(2, 2, device="meta")
+    assert fused_adamw_supported(param_groups(on_meta, 0.1)) is None  # torch's default then
+    assert fused_adamw_supported([{"params": []}]) is None
 
 
 def test_warmup_then_cosine_schedule():

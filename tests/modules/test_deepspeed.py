@@ -72,29 +72,15 @@ def _optimizer(module):
 
 
 def _ds_config(name: str) -> dict:
-    file = "zero3" if name == "zero3_partitioned" else name
-    cfg = json.loads((ROOT / "recipes" / "deepspeed" / f"{file}.json").read_text())
-    if name == "zero3_partitioned":
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    # What Lightning adds to a shipped config (precision: fp32 here).
-    cfg.update(train_micro_batch_size_per_gpu=PER_RANK, gradient_accumulation_steps=1, gradient_clipping=0.0)
-    return cfg
+    from deepspeed_cpu import ds_config  # what Lightning adds to a shipped config (precision: fp32 here)
+
+    return ds_config(name, PER_RANK)
 
 
 def _in_engine_forward(engine, module, step):
-    """Run ``step()`` inside the engine's forward, as Lightning runs ``training_step`` (its forward
-    redirection): ZeRO-3 fetches partitioned parameters only inside a forward."""
-    original = module.forward
+    from deepspeed_cpu import in_engine_forward
 
-    def redirected(*_):
-        module.forward = original  # the step itself calls the real forward
-        return step()
-
-    module.forward = redirected
-    try:
-        return engine(torch.zeros(1))
-    finally:
-        module.forward = original
+    return in_engine_forward(engine, module, step)
 
 
 def _engine_worker(rank: int, world: int, out: str) -> None:
