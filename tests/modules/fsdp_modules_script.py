@@ -4,10 +4,10 @@ encoder step (FSDP's sharded ones gathered to full tensors), the per-step losses
 training terms, the validation metrics and the setting's own state (memory queue, D, how the
 teacher is sharded).
 
-    python fsdp_modules_script.py OUT_DIR DEVICES PER_RANK_BATCH [SETTINGS]
+    python fsdp_modules_script.py OUT_DIR DEVICES PER_RANK_BATCH [SETTINGS [STRATEGY]]
 
 SETTINGS is a comma-separated subset of ``SETTINGS`` below (default: all). With DEVICES > 1 the
-strategy is mmkit's ``fsdp2`` (Lightning's ``ModelParallelStrategy``, tensor parallel 1: the CPU
+strategy is STRATEGY: ``ddp``, or (default) mmkit's ``fsdp2`` (Lightning's ``ModelParallelStrategy``, tensor parallel 1: the CPU
 route to ``fully_shard``; Lightning relaunches this script for the other ranks), float32. Run by tests/modules/test_fsdp_modules.py, as a script for
 2 processes and through ``run`` in the test's own process for the one-process reference.
 """
@@ -120,7 +120,7 @@ def _extra(name: str, module, trainer) -> dict:
     }
 
 
-def run_one(name: str, out: Path, devices: int, batch: int) -> None:
+def run_one(name: str, out: Path, devices: int, batch: int, strategy_name: str = "fsdp2") -> None:
     out.mkdir(parents=True, exist_ok=True)
     module, grad_step, steps = _build(name, out)
     module.configure_model()  # the same initial weights on every rank and in the 1-process run
@@ -137,7 +137,9 @@ def run_one(name: str, out: Path, devices: int, batch: int) -> None:
     )
     dm.set_preprocessing(module.preprocessing)
     capture = _Capture(grad_step)
-    if devices > 1:
+    if devices > 1 and strategy_name == "ddp":
+        strategy = "ddp"
+    elif devices > 1:
         from mmkit.strategies import FSDP2Strategy  # ModelParallelStrategy, data parallel over all ranks
 
         strategy = FSDP2Strategy()
@@ -160,11 +162,11 @@ def run_one(name: str, out: Path, devices: int, batch: int) -> None:
     torch.save(result, out / f"{name}_rank{trainer.global_rank}.pt")
 
 
-def run(out: Path, devices: int, batch: int, settings=SETTINGS) -> None:
+def run(out: Path, devices: int, batch: int, settings=SETTINGS, strategy_name: str = "fsdp2") -> None:
     for name in settings:
-        run_one(name, out / name, devices, batch)
+        run_one(name, out / name, devices, batch, strategy_name)
 
 
 if __name__ == "__main__":
     chosen = sys.argv[4].split(",") if len(sys.argv) > 4 else SETTINGS
-    run(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), chosen)
+    run(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), chosen, sys.argv[5] if len(sys.argv) > 5 else "fsdp2")

@@ -118,3 +118,17 @@ def test_kd_student_shards_the_frozen_teacher_and_takes_the_same_step(fsdp, tmp_
     assert sum(r["teacher"]["local_numel"] for r in ranks) >= ranks[0]["teacher"]["full_numel"]
     assert single["teacher"]["local_numel"] == single["teacher"]["full_numel"]  # one process: whole
     assert not any("teacher" in k for k in single["state_dict_keys"])
+
+
+@pytest.mark.slow
+def test_kd_student_whole_fit_under_ddp_takes_the_same_step(tmp_path):
+    """The whole KDStudent (student, frozen teacher, the loss's projection) under Lightning's DDP on 2
+    processes: the same (clipped, averaged) gradients, losses and validation metrics as one process
+    with the double batch; the teacher stays whole on each rank."""
+    out = tmp_path / "ddp"
+    subprocess.run([sys.executable, str(SCRIPT), str(out), "2", "4", "kd_student", "ddp"], check=True, timeout=900)
+    ranks, single = _load(out, "kd_student", 2), _single(tmp_path, "kd_student")
+    _assert_same_step(ranks, single, ("loss.projection.weight", "model.clip.logit_scale"))
+    for rank in ranks:
+        assert rank["teacher"]["local_numel"] == rank["teacher"]["full_numel"]
+        assert not (rank["teacher"]["requires_grad"] or rank["teacher"]["in_optimizer"])
