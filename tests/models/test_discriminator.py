@@ -67,3 +67,14 @@ def test_spectral_norm_makes_the_discriminator_1_lipschitz():
             assert torch.linalg.matrix_norm(m.weight, ord=2).item() == pytest.approx(1.0, abs=1e-3)
     assert _max_gradient_norm(d, x) <= 1.0 + 1e-3
     assert _max_difference_ratio(d, x, y) <= 1.0 + 1e-3
+
+
+def test_bf16_weights_take_fp32_features_and_spectral_norm_vectors():
+    # DeepSpeed's bf16 keeps D's weights in bf16 without autocast; the features (and spectral
+    # norm's power-iteration vectors) may still be float32: D follows its weights' type.
+    d = ModalityDiscriminator(6, hidden_dim=16).to(torch.bfloat16)
+    for buf in d.buffers():
+        buf.data = buf.data.float()
+    scores = d(torch.randn(4, 6))
+    assert scores.dtype == torch.bfloat16 and torch.isfinite(scores.float()).all()
+    assert all(b.dtype == torch.bfloat16 for b in d.buffers() if b.is_floating_point())

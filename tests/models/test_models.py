@@ -128,3 +128,17 @@ def test_train_augmentation_is_configurable_and_eval_never_augments():
     assert any("color_jitter" in type(t).__name__ for t in train_tf)
     eval_tf = spec.preprocessing.image_transform(train=False).transforms
     assert not any(isinstance(t, RandomResizedCrop) or "jitter" in type(t).__name__ for t in eval_tf)
+
+
+@pytest.mark.parametrize("weights, pixels", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_image_tower_takes_pixels_of_another_float_type(tiny_arch, weights, pixels):
+    # bf16 weights without autocast (DeepSpeed) fed float32 pixels, and a float32 teacher fed the
+    # bf16 pixels DeepSpeed's precision plugin made: the images follow the weights' type.
+    from mmkit.models import OpenCLIP
+
+    model = OpenCLIP(tiny_arch).build().to(weights).eval()
+    images = torch.randn(2, 3, 16, 16, dtype=pixels)
+    with torch.no_grad():
+        out = model(images, None)
+    assert set(out) >= {"image_features", "logit_scale"} and "text_features" not in out
+    assert out["image_features"].dtype == weights and torch.isfinite(out["image_features"].float()).all()
