@@ -21,6 +21,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint
+
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never matched by "*.ckpt"
 
 
@@ -126,9 +128,9 @@ def _sharded_marker(folder: Path) -> Path | None:
     """The file a sharded checkpoint folder gets last, once every rank's part is on disk: Lightning's
     ``meta.pt`` after the ``torch.distributed.checkpoint`` shards (FSDP2), DeepSpeed's ``latest``
     after its tag folder. None for a folder that is neither kind."""
-    if (folder / ".metadata").is_file() or any(folder.glob("*.distcp")):
+    if is_distributed_checkpoint(folder) or any(folder.glob("*.distcp")):  # shards but no index: unfinished
         return folder / "meta.pt"
-    if (folder / "latest").is_file() or any(folder.glob("*/*model_states.pt")):
+    if is_deepspeed_checkpoint(folder):
         return folder / "latest"
     return None
 
@@ -146,7 +148,7 @@ def _check_sharded(folder: Path) -> dict[str, Any]:
             raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: 'latest' names {tag!r}, "
                                       "which holds no model states")
         return {}
-    if not (folder / ".metadata").is_file():
+    if not is_distributed_checkpoint(folder):
         raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: no .metadata")
     meta = load_checkpoint(marker, weights_only=True)
     missing = [k for k in ("global_step", "loops") if k not in meta]

@@ -113,8 +113,8 @@ def export(argv: list[str]) -> None:
 def _checkpoint_state_dict(path: str) -> dict:
     """The module state dict of a Lightning ``.ckpt`` file, or of a sharded checkpoint directory
     (DeepSpeed's, or FSDP2's ``torch.distributed.checkpoint`` folder), merged to full weights in memory."""
-    from mmkit.modules.deepspeed_support import consolidated_state_dict, is_deepspeed_checkpoint
-    from mmkit.sharded_checkpoint import distributed_checkpoint_state_dict, is_distributed_checkpoint
+    from mmkit.modules.deepspeed_support import consolidated_state_dict
+    from mmkit.sharded_checkpoint import distributed_checkpoint_state_dict, is_deepspeed_checkpoint, is_distributed_checkpoint
 
     if is_deepspeed_checkpoint(path):
         return consolidated_state_dict(path)

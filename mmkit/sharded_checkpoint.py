@@ -1,7 +1,8 @@
-"""Reading the sharded checkpoint folders that FSDP2 runs write (Lightning's ``ModelParallelStrategy``
-saves a ``torch.distributed.checkpoint`` folder per checkpoint: one shard file per rank, a
-``.metadata`` index and Lightning's ``meta.pt``), so that ``mmkit export`` takes them like a
-``.ckpt`` file. DeepSpeed's folders are read by ``mmkit.modules.deepspeed_support``."""
+"""Sharded checkpoint folders: recognising both kinds (used by ``mmkit export`` and by
+``--ckpt_path last``), and reading the FSDP2 kind. Lightning's ``ModelParallelStrategy`` saves a
+``torch.distributed.checkpoint`` folder per checkpoint (one shard file per rank, a ``.metadata``
+index and Lightning's ``meta.pt``); DeepSpeed a folder with a ``latest`` file naming a tag folder
+of per-rank states, merged by ``mmkit.modules.deepspeed_support.consolidated_state_dict``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ import torch
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
+    """A finished ``torch.distributed.checkpoint`` folder (FSDP2): its ``.metadata`` index is there."""
     path = Path(path)
     return path.is_dir() and (path / ".metadata").is_file()
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A DeepSpeed checkpoint is a directory (Lightning's ``*.ckpt/`` with a ``latest`` file or a
+    ``checkpoint/`` tag folder), not a file."""
+    path = Path(path)
+    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
 
 
 def distributed_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -88,6 +88,13 @@ def shard_like(full: Tensor, param: Tensor) -> Tensor:
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
 
 
+def _weighted_diff(param: Tensor, anchor: Tensor, fisher: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(F (θ − θ*), θ − θ*)``, F ≡ 1 when ``fisher`` is None: the penalty is ½λ Σ of their product,
+    its gradient λ times the first."""
+    diff = param - anchor
+    return (diff if fisher is None else fisher * diff), diff
+
+
 def _total(terms: dict[str, Tensor]) -> Tensor:
     return sum(v for k, v in terms.items() if k.endswith("_loss"))
 
@@ -295,8 +302,7 @@ class EWCPenalty:
             for term in self.terms:
                 fisher, anchor = term["fisher"], term["anchor"]
                 for n, p in params.items():
-                    diff = local(p.detach()) - local(anchor[n])
-                    weighted = diff if fisher is None else local(fisher[n]) * diff
+                    weighted, diff = _weighted_diff(local(p.detach()), local(anchor[n]), None if fisher is None else local(fisher[n]))
                     part = 0.5 * lam * (weighted * diff).sum().float()
                     if is_dtensor(p):
                         sharded, any_sharded = sharded + part, True
@@ -320,17 +326,9 @@ class EWCPenalty:
         for term in self.terms:
             fisher, anchor = term["fisher"], term["anchor"]
             for n, p in params.items():
-                diff = p - anchor[n]
-                weighted = diff if fisher is None else fisher[n] * diff
+                weighted, diff = _weighted_diff(p, anchor[n], None if fisher is None else fisher[n])
                 value = value + 0.5 * lam * (weighted * diff).sum().float()
         return value
-
-    def to(self, device: torch.device | str) -> EWCPenalty:
-        for term in self.terms:
-            for key in ("fisher", "anchor"):
-                if term[key] is not None:
-                    term[key] = {n: t.to(device) for n, t in term[key].items()}
-        return self
 
     def place(self, params: dict[str, Tensor]) -> EWCPenalty:
         """Put every stored tensor in its parameter's layout and on its device: full tensors

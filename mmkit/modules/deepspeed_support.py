@@ -48,6 +48,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mmkit.sharded_checkpoint import is_deepspeed_checkpoint  # noqa: F401  (re-exported: cli, tests)
+
 
 def import_quietly_if_named(argv: list[str]) -> None:
     """Import DeepSpeed now, with its log handler on stderr, when a command names it (in an
@@ -266,13 +268,6 @@ def clamp_(p: nn.Parameter, low: float, high: float) -> None:
         p._hp_mapping.get_hp_fragment().clamp_(low, high)
     if p.numel() > 0:
         p.clamp_(low, high)
-
-
-def is_deepspeed_checkpoint(path: str | Path) -> bool:
-    """A DeepSpeed checkpoint is a directory (Lightning's ``*.ckpt/`` with a ``latest`` file or a
-    ``checkpoint/`` tag folder), not a file."""
-    path = Path(path)
-    return path.is_dir() and ((path / "latest").is_file() or any(path.glob("*/*model_states.pt")))
 
 
 def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
