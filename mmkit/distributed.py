@@ -99,6 +99,23 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+@torch.no_grad()
+def broadcast_from_rank_zero_(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values: one flat broadcast per dtype and device."""
+    if not is_distributed() or not tensors:
+        return
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def all_gather_object(obj) -> list:
     if not is_distributed():
         return [obj]

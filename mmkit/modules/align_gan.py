@@ -163,13 +163,14 @@ class AlignGAN(DualEncoderModule):
         # DeepSpeed broadcast the parameters it holds when it built its engine (and keeps their
         # master copy apart, which a copy here would miss); not the spectral-norm buffers.
         tensors = [p.data for p in self.discriminator.parameters() if not ds.is_deepspeed_param(p)]
-        tensors += list(self.discriminator.buffers())
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        src = distributed.all_gather_no_grad(flat[None])[0]
-        offset = 0
-        for t in tensors:
-            t.copy_(src[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        distributed.broadcast_from_rank_zero_(tensors + list(self.discriminator.buffers()))
+
+    def _sync_discriminator_buffers(self) -> None:
+        """Once per training step: D's spectral-norm vectors to rank 0's, as DDP's buffer broadcast
+        does for the modules it manages. Each rank's power iteration runs on identical weights,
+        but a BLAS may round a matrix-vector product differently with the operands' memory
+        alignment (Intel's MKL does), so the vectors would drift apart in their last bits."""
+        distributed.broadcast_from_rank_zero_(list(self.discriminator.buffers()))
 
     def _sync_discriminator_grads(self) -> None:
         """Average D's gradients over ranks, as DDP does for the parameters it manages."""
@@ -268,6 +269,7 @@ class AlignGAN(DualEncoderModule):
             terms = {k: v.detach() for k, v in terms.items()}
         total = loss_total(terms).detach()
 
+        self._sync_discriminator_buffers()  # every D forward of this step ran its power iteration
         bad_d = d_stats.pop("d_nonfinite", None) is not None
         if bad_d or not self._all_ranks_finite(total):
             self._skip_step(opt, {**terms, **d_stats})

@@ -8,7 +8,9 @@ MODE is ``alternating`` or ``gradient_reversal``. Run by tests/modules/test_alig
 script for DDP (Lightning's ``ddp`` strategy relaunches it for the other ranks) and through
 ``run`` in the test's own process for the one-process reference. Rank 1's D is
 deliberately initialised differently: AlignGAN must copy rank 0's D to every rank, as DDP does
-for the parameters it manages.
+for the parameters it manages. Rank 1's spectral-norm vectors are nudged in their last bits after
+every power iteration (as a BLAS that rounds by memory alignment does): AlignGAN must bring
+them back to rank 0's.
 """
 
 import os
@@ -30,6 +32,23 @@ def _state(module) -> dict:
         "discriminator": {k: v.detach().clone() for k, v in module.discriminator.state_dict().items()},
         "model": {k: v.detach().clone() for k, v in module.model.named_parameters()},
     }
+
+
+class NudgeSpectralVectors(L.Callback):
+    """On ranks other than 0, after every training-mode forward of D: turn its power-iteration
+    vectors by a few ulps, as a BLAS that rounds by memory alignment would (Intel's MKL)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0:
+            pl_module.discriminator.register_forward_hook(self._nudge)
+
+    @staticmethod
+    @torch.no_grad()
+    def _nudge(module, args, output) -> None:
+        if module.training:
+            for name, buf in module.named_buffers():
+                if name.endswith("_u"):  # a direction, not a scale: u is normalised
+                    buf[0] += 4 * torch.finfo(buf.dtype).eps * buf.abs().max()
 
 
 def run(out: Path, devices: int, batch: int, mode: str) -> None:
@@ -70,6 +89,7 @@ def run(out: Path, devices: int, batch: int, mode: str) -> None:
         enable_model_summary=False,
         use_distributed_sampler=False,
         default_root_dir=out,
+        callbacks=[NudgeSpectralVectors()],
     )
     trainer.fit(module, datamodule=dm)
     result = _state(module)
