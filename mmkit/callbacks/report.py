@@ -24,6 +24,8 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from mmkit.run_folder import run_folder
+
 # {x-axis name: {metric key: [(x, value), ...]}}, e.g. {"step": {...}, "epoch": {...}}
 History = dict[str, dict[str, list[tuple[float, float]]]]
 
@@ -197,11 +199,10 @@ class RunReport(L.Callback):
         self._record("epoch", self._epochs_done(trainer), values)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # log_dir broadcasts from rank zero, so every rank must ask before rank zero writes.
-        run_dir = trainer.log_dir or trainer.default_root_dir
+        out = run_folder(trainer) / self.folder  # every rank (a collective)
         if trainer.is_global_zero:
             final = _scalars(trainer.callback_metrics, self.train_prefixes + self.val_prefixes)
-            write_report(Path(run_dir) / self.folder, self.history, final)
+            write_report(out, self.history, final)
 
     def state_dict(self) -> dict[str, Any]:
         # Checkpointed so a resumed run's report still shows the curves from before the restart.

@@ -26,6 +26,7 @@ from mmkit.modules.sharding import (
     average_replicated_grads, clip_grad_norm_, full_state_dict, is_sharded, shard_dual_encoder,
     split_replicated_groups,
 )
+from mmkit.run_folder import run_folder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -353,6 +354,7 @@ class DualEncoderModule(L.LightningModule):
         # the CPU), and the sharded strategies' gather below is an NCCL collective on GPU tensors.
         if self.export_dir == "":
             return
+        out = Path(self.export_dir) if self.export_dir else run_folder(self.trainer) / "export"  # every rank
         model = self.model
         if is_sharded(model) or ds.holds(model):
             # A collective: every rank takes part. DeepSpeed: its fp32 master weights.
@@ -362,6 +364,5 @@ class DualEncoderModule(L.LightningModule):
                 model.load_state_dict(state)
         if not self.trainer.is_global_zero:
             return
-        out = Path(self.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export")
         model.export(out)
         print(f"mmkit: exported the trained model to {out}")

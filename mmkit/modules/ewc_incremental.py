@@ -70,6 +70,7 @@ from mmkit.modules import deepspeed_support as ds
 from mmkit.modules.base import DualEncoderModule
 from mmkit.modules.optim import param_groups
 from mmkit.modules.sharding import is_sharded
+from mmkit.run_folder import run_folder
 
 _STREAM_API = ("num_tasks", "task_names", "task_of_epoch", "is_task_end", "task_loader", "epochs_per_task")
 
@@ -350,10 +351,11 @@ class EWCIncremental(DualEncoderModule):
         self.log("continual/tasks_done", float(task + 1), sync_dist=False)
 
     def _write_report(self) -> None:
-        if self.report_dir == "" or not self.trainer.is_global_zero:
+        if self.report_dir == "":
             return
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        write_continual_report(self.report_dir or Path(root) / "continual", self._ensure_matrix())
+        out = Path(self.report_dir) if self.report_dir else run_folder(self.trainer) / "continual"  # every rank
+        if self.trainer.is_global_zero:
+            write_continual_report(out, self._ensure_matrix())
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):

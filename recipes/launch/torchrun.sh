@@ -7,6 +7,7 @@
 #   NNODES=4 NODE_RANK=0 NPROC_PER_NODE=8 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 \
 #     bash recipes/launch/torchrun.sh recipes/webdataset_vitb32_ddp.yaml
 # Anything after the recipe goes to `mmkit fit` (more --config files, --trainer.max_steps 1000, ...).
+# Without an activated environment, name its interpreter: PYTHON=/path/to/venv/bin/python bash ...
 #
 # Lightning needs no flag for this: torchrun sets TORCHELASTIC_RUN_ID, so the Trainer picks
 # TorchElasticEnvironment (ahead of SLURM) and takes RANK, LOCAL_RANK, WORLD_SIZE, GROUP_RANK,
@@ -28,16 +29,23 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-# Static rendezvous at MASTER_ADDR:MASTER_PORT (node 0 hosts the store); --no-python runs the
-# `mmkit` console script from PATH, so activate the environment that installed mmkit first.
-exec torchrun \
+# The Python of the environment that installed mmkit: PYTHON, else python3 from PATH (an activated
+# venv). torchrun runs as that interpreter's module, so it needs no PATH entry of its own either.
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import mmkit" 2>/dev/null; then
+    echo "$0: '$PYTHON' cannot import mmkit: activate the environment that installed it, or set" \
+         "PYTHON=/path/to/venv/bin/python" >&2
+    exit 127
+fi
+
+# Static rendezvous at MASTER_ADDR:MASTER_PORT (node 0 hosts the store).
+exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" \
     --nproc_per_node "$NPROC_PER_NODE" \
     --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" \
     --master_port "$MASTER_PORT" \
-    --no-python \
-    mmkit fit --config "$recipe" \
+    --module mmkit.cli fit --config "$recipe" \
     --trainer.num_nodes "$NNODES" \
     --trainer.devices "$NPROC_PER_NODE" \
     "$@"

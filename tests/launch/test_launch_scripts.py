@@ -42,7 +42,9 @@ def test_torchrun_script_uses_the_cluster_variables():
     for flag, var in [("--nnodes", "NNODES"), ("--nproc_per_node", "NPROC_PER_NODE"), ("--node_rank", "NODE_RANK"),
                       ("--master_addr", "MASTER_ADDR"), ("--master_port", "MASTER_PORT")]:  # fmt: skip
         assert f'{flag} "${var}"' in code, flag
-    assert re.search(r"--no-python\s*\\?\s*mmkit fit --config", code)
+    # The interpreter that installed mmkit runs torchrun and the ranks: no activated venv needed.
+    assert re.search(r'"\$PYTHON" -m torch.distributed.run', code)
+    assert re.search(r"--module mmkit.cli fit --config", code)
     # TorchElasticEnvironment requires devices x num_nodes == WORLD_SIZE.
     assert '--trainer.num_nodes "$NNODES"' in code and '--trainer.devices "$NPROC_PER_NODE"' in code
 
