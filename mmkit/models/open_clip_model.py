@@ -6,8 +6,10 @@ keys and an exported run loads back with ``open_clip.create_model('local-dir:...
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -50,6 +52,41 @@ def arch_config(arch: str) -> dict:
     return cfg
 
 
+def _hf_text_cfg(text_cfg: dict, path: str) -> dict:
+    """A text config whose tower is the Hugging Face encoder in ``path`` (projected linearly,
+    mean-pooled unless the architecture says otherwise)."""
+    text_cfg = dict(text_cfg)
+    for k in ("width", "heads", "layers", "vocab_size", "mlp_ratio"):
+        text_cfg.pop(k, None)
+    text_cfg.update(hf_model_name=path, hf_tokenizer_name=path, hf_model_pretrained=True)
+    text_cfg.setdefault("hf_proj_type", "linear")
+    text_cfg.setdefault("hf_pooler_type", "mean_pooler")
+    return text_cfg
+
+
+def trained_config(
+    arch: str,
+    text_hf_model: str | None = None,
+    image_size: int | None = None,
+    init_logit_bias: float | None = None,
+    init_temperature: float | None = None,
+) -> dict:
+    """The open_clip model config mmkit builds: ``arch``'s with every override applied. The model
+    is built from exactly this dict and exports it, so open_clip rebuilds the same architecture
+    (input size, text tower, logit bias) from an export."""
+    cfg = copy.deepcopy(arch_config(arch))
+    if image_size is not None:
+        cfg["vision_cfg"]["image_size"] = image_size
+    if text_hf_model is not None:
+        cfg["text_cfg"] = _hf_text_cfg(cfg["text_cfg"], resolve_hf_path(text_hf_model))
+        cfg["custom_text"] = True
+    if init_temperature is not None:
+        cfg["init_logit_scale"] = math.log(1.0 / init_temperature)
+    if init_logit_bias is not None:
+        cfg["init_logit_bias"] = init_logit_bias  # creates the `logit_bias` parameter
+    return cfg
+
+
 class OpenCLIPDualEncoder(DualEncoder):
     def __init__(self, clip: nn.Module, model_cfg: dict, preprocess_cfg: dict, similarity: str = "cosine"):
         super().__init__(int(model_cfg["embed_dim"]), similarity)
@@ -87,6 +124,7 @@ class OpenCLIPDualEncoder(DualEncoder):
         return getattr(self.clip, "logit_bias", None)
 
     def export(self, out_dir: str | Path) -> Path:
+        """An open_clip ``local-dir``: weights and the config the model was built from."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
@@ -106,43 +144,37 @@ def build_open_clip(
     force_image_size: int | None = None,
 ) -> tuple[OpenCLIPDualEncoder, object, object]:
     """Build the model and its (train, eval) transforms. Never downloads: ``pretrained`` must be
-    a local weights file (tags need the hub, which mmkit does not reach at run time)."""
-    import math
-
-    cfg = dict(arch_config(arch))
-    kwargs: dict = {"init_logit_scale": math.log(1.0 / init_temperature)}
-    if init_logit_bias is not None:
-        kwargs["init_logit_bias"] = init_logit_bias
-    name = arch
-    if text_hf_model is not None or arch.endswith(".json"):
-        if text_hf_model is not None:
-            path = resolve_hf_path(text_hf_model)
-            text_cfg = dict(cfg["text_cfg"])
-            for k in ("width", "heads", "layers", "vocab_size", "mlp_ratio"):
-                text_cfg.pop(k, None)
-            text_cfg.update(hf_model_name=path, hf_tokenizer_name=path, hf_model_pretrained=True)
-            text_cfg.setdefault("hf_proj_type", "linear")
-            text_cfg.setdefault("hf_pooler_type", "mean_pooler")
-            cfg["text_cfg"] = text_cfg
-        cfg.pop("custom_text", None)
-        name = "mmkit-custom-" + hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-        open_clip.factory._MODEL_CONFIGS[name] = cfg  # open_clip's own registry of arch configs
-    if pretrained is not None and not os.path.isfile(pretrained):
+    a local weights file (tags need the hub, which mmkit does not reach at run time); a
+    ``local-dir:`` arch starts from that folder's weights unless ``pretrained`` is given."""
+    model_cfg = trained_config(arch, text_hf_model, force_image_size, init_logit_bias, init_temperature)
+    weights = pretrained if pretrained is not None else _local_dir_weights(arch)
+    if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(
-            f"pretrained weights file not found: {pretrained!r} (give a local .safetensors/.pt file; "
+            f"pretrained weights file not found: {weights!r} (give a local .safetensors/.pt file; "
             "mmkit does not download from a hub)"
         )
+    name = _register(model_cfg)
     clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
         name,
-        pretrained=pretrained,
+        pretrained=weights,
         output_dict=True,
-        force_image_size=force_image_size,
-        **kwargs,
+        force_image_size=force_image_size,  # already in the config; open_clip also resizes timm trunks for it
     )
-    model_cfg = dict(cfg)
-    if text_hf_model is not None:
-        model_cfg["custom_text"] = True
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     model = OpenCLIPDualEncoder(clip, model_cfg, preprocess_cfg, similarity)
     tokenizer = open_clip.get_tokenizer(name)
     return model, (train_tf, eval_tf), tokenizer
+
+
+def _register(model_cfg: dict) -> str:
+    """Add ``model_cfg`` to open_clip's own registry of arch configs under a name derived from it."""
+    name = "mmkit-" + hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:10]
+    open_clip.factory._MODEL_CONFIGS[name] = model_cfg
+    return name
+
+
+def _local_dir_weights(arch: str) -> str | None:
+    if not arch.startswith("local-dir:"):
+        return None
+    # open_clip's own choice among the folder's weight files.
+    return open_clip.factory._find_checkpoint_in_dir(Path(arch[len("local-dir:") :]))
