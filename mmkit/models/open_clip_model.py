@@ -40,8 +40,9 @@ def arch_config(arch: str) -> dict:
     if arch.endswith(".json") and os.path.isfile(arch):
         return json.loads(Path(arch).read_text())
     if arch.startswith("local-dir:"):
-        cfg = json.loads((Path(arch[len("local-dir:") :]) / "open_clip_config.json").read_text())
-        return cfg["model_cfg"]
+        folder = Path(arch[len("local-dir:") :])
+        cfg = json.loads((folder / "open_clip_config.json").read_text())
+        return _resolve_export_paths(cfg["model_cfg"], folder)
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ValueError(
@@ -50,6 +51,22 @@ def arch_config(arch: str) -> dict:
             "(open_clip.list_models()), or pass a config .json path or local-dir:PATH"
         )
     return cfg
+
+
+# An export names the Hugging Face text config and tokenizer it carries by this path, relative to
+# the export folder (open_clip itself reads it relative to the working directory).
+EXPORT_HF_PATH = "."
+
+
+def _resolve_export_paths(model_cfg: dict, folder: Path) -> dict:
+    """Make an export's relative Hugging Face text paths absolute (they name files inside it);
+    hub names and absolute paths are left as they are."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and not os.path.isabs(name) and (folder / name).is_dir():
+            text_cfg[key] = str((folder / name).resolve())
+    return model_cfg
 
 
 def _hf_text_cfg(text_cfg: dict, path: str) -> dict:
@@ -124,14 +141,29 @@ class OpenCLIPDualEncoder(DualEncoder):
         return getattr(self.clip, "logit_bias", None)
 
     def export(self, out_dir: str | Path) -> Path:
-        """An open_clip ``local-dir``: weights and the config the model was built from."""
+        """An open_clip ``local-dir``: weights, the config the model was built from and, for a
+        Hugging Face text tower, its config and tokenizer files (no path outside the folder)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
         save_file(state, str(out / "open_clip_model.safetensors"))
-        cfg = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg}
+        model_cfg = copy.deepcopy(self.model_cfg)
+        if model_cfg["text_cfg"].get("hf_model_name"):
+            model_cfg["text_cfg"] = self._export_hf_text(out, model_cfg["text_cfg"])
+        cfg = {"model_cfg": model_cfg, "preprocess_cfg": self.preprocess_cfg}
         (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
         return out
+
+    def _export_hf_text(self, out: Path, text_cfg: dict) -> dict:
+        """Write the Hugging Face text tower's config and tokenizer into the export folder, where
+        ``open_clip.get_tokenizer('local-dir:...')`` looks for the tokenizer, and point the text
+        config at them."""
+        from transformers import AutoTokenizer
+
+        self.clip.text.config.save_pretrained(out)
+        AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(out)
+        # The weights are in the safetensors file: only the architecture is read from config.json.
+        return dict(text_cfg, hf_model_name=EXPORT_HF_PATH, hf_tokenizer_name=EXPORT_HF_PATH, hf_model_pretrained=False)
 
 
 def build_open_clip(

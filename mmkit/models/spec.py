@@ -141,7 +141,7 @@ class OpenCLIP(ModelSpec):
     def preprocessing(self) -> Preprocessing:
         import open_clip
 
-        from mmkit.models.open_clip_model import resolve_hf_path, trained_config
+        from mmkit.models.open_clip_model import trained_config
 
         # The config the model is built from: same input size and text tower as the weights.
         cfg = trained_config(self.arch, self.text_hf_model, self.image_size)
@@ -149,8 +149,10 @@ class OpenCLIP(ModelSpec):
         train_tf = open_clip.image_transform(size, is_train=True, aug_cfg=self.augment)
         eval_tf = open_clip.image_transform(size, is_train=False)
         context_length = cfg["text_cfg"].get("context_length", 77)
-        if self.text_hf_model is not None:
-            tok = open_clip.tokenizer.HFTokenizer(resolve_hf_path(self.text_hf_model), context_length=context_length)
+        hf_tokenizer = cfg["text_cfg"].get("hf_tokenizer_name")
+        # A local Hugging Face tokenizer: `text_hf_model`, or the one a local-dir export carries.
+        if hf_tokenizer and os.path.isdir(hf_tokenizer):
+            tok = open_clip.tokenizer.HFTokenizer(hf_tokenizer, context_length=context_length)
         else:
             tok = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         return OpenCLIPPreprocessing(train_tf, eval_tf, tok)

