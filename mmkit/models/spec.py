@@ -242,10 +242,11 @@ class HFTowers(ModelSpec):
             self.init_temperature,
             self.init_logit_bias,
             self.similarity,
+            preprocessing=self.preprocessing,  # exported with the towers
         )
 
     @cached_property
-    def preprocessing(self) -> Preprocessing:
+    def preprocessing(self) -> HFPreprocessing:
         from transformers import AutoConfig, AutoTokenizer
 
         from mmkit.models.open_clip_model import resolve_hf_path

