@@ -1,5 +1,11 @@
 """Hugging Face towers: any vision and text ``AutoModel`` from a local folder, with linear
-projection heads into a shared embedding space."""
+projection heads into a shared embedding space.
+
+An export is a folder with ``vision/`` (the tower, plus an image processor reproducing mmkit's
+evaluation transform), ``text/`` (the tower and its tokenizer), ``heads.safetensors`` (projections,
+temperature, bias) and ``mmkit_dual_encoder.json`` (width, text pooling, context length).
+``load_hf_export`` reads it back; the README shows the same with plain transformers.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,11 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmkit.models.dual_encoder import DualEncoder
+from mmkit.models.preprocessing import HFPreprocessing
 
 
 def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -29,11 +36,14 @@ class HFDualEncoder(DualEncoder):
         init_temperature: float = 0.07,
         init_logit_bias: float | None = None,
         similarity: str = "cosine",
+        preprocessing: HFPreprocessing | None = None,
     ) -> None:
         super().__init__(embed_dim, similarity)
         self.vision = vision
         self.text = text
         self.text_pooling = text_pooling
+        # The tokenizer and image settings the towers were trained with: an export carries them.
+        self.preprocessing = preprocessing
         self.image_proj = nn.Linear(_hidden_size(vision.config), embed_dim, bias=False)
         self.text_proj = nn.Linear(_hidden_size(text.config), embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
@@ -71,10 +81,17 @@ class HFDualEncoder(DualEncoder):
         return self.logit_bias
 
     def export(self, out_dir: str | Path) -> Path:
-        """Each tower as a transformers folder (``AutoModel.from_pretrained``) plus the heads."""
+        """Each tower as a transformers folder (``AutoModel.from_pretrained``) with its tokenizer
+        or image processor, plus the heads (see the module docstring)."""
+        if self.preprocessing is None:
+            raise ValueError(
+                "HFDualEncoder.export needs the model's preprocessing (tokenizer and image settings): "
+                "build the model with HFTowers(...).build() or load_hf_export(), or pass preprocessing="
+            )
         out = Path(out_dir)
         self.vision.save_pretrained(out / "vision", safe_serialization=True)
         self.text.save_pretrained(out / "text", safe_serialization=True)
+        self.preprocessing.save_pretrained(out / "text", out / "vision")
         heads = {
             "image_proj.weight": self.image_proj.weight,
             "text_proj.weight": self.text_proj.weight,
@@ -83,10 +100,49 @@ class HFDualEncoder(DualEncoder):
         if self.logit_bias is not None:
             heads["logit_bias"] = self.logit_bias
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(out / "heads.safetensors"))
-        (out / "mmkit_dual_encoder.json").write_text(
-            json.dumps({"embed_dim": self.embed_dim, "text_pooling": self.text_pooling}, indent=2)
-        )
+        meta = {
+            "embed_dim": self.embed_dim,
+            "text_pooling": self.text_pooling,
+            "context_length": self.preprocessing.context_length,
+        }
+        (out / "mmkit_dual_encoder.json").write_text(json.dumps(meta, indent=2))
         return out
+
+
+def load_hf_export(path: str | Path) -> tuple[HFDualEncoder, HFPreprocessing]:
+    """An ``HFTowers`` export as an mmkit model (in eval mode) and its preprocessing:
+    ``model.encode_image(torch.stack([pre.image_transform(train=False)(img) ...]))``,
+    ``model.encode_text(pre.tokenize(captions))``."""
+    from transformers import AutoModel
+
+    folder = Path(path)
+    missing = [
+        name
+        for name in ("mmkit_dual_encoder.json", "heads.safetensors", "vision/preprocessor_config.json", "text/tokenizer_config.json")
+        if not (folder / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete HFTowers export: missing {missing} (exports written before "
+            "mmkit saved tokenizers and image processors lack the last two; re-export from the checkpoint)"
+        )
+    meta = json.loads((folder / "mmkit_dual_encoder.json").read_text())
+    heads = load_file(str(folder / "heads.safetensors"))
+    preprocessing = HFPreprocessing.from_pretrained(folder / "text", folder / "vision", int(meta["context_length"]))
+    model = HFDualEncoder(
+        AutoModel.from_pretrained(folder / "vision"),
+        AutoModel.from_pretrained(folder / "text"),
+        int(meta["embed_dim"]),
+        meta["text_pooling"],
+        init_logit_bias=0.0 if "logit_bias" in heads else None,  # the value comes from the heads
+        preprocessing=preprocessing,
+    )
+    # The towers are loaded already: the file must hold exactly the heads.
+    result = model.load_state_dict(heads, strict=False)
+    missing_heads = [k for k in result.missing_keys if not k.startswith(("vision.", "text."))]
+    if result.unexpected_keys or missing_heads:
+        raise ValueError(f"{folder}/heads.safetensors: unexpected {result.unexpected_keys}, missing {missing_heads}")
+    return model.eval(), preprocessing
 
 
 def _hidden_size(config) -> int:

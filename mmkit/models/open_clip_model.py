@@ -6,8 +6,10 @@ keys and an exported run loads back with ``open_clip.create_model('local-dir:...
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -38,8 +40,9 @@ def arch_config(arch: str) -> dict:
     if arch.endswith(".json") and os.path.isfile(arch):
         return json.loads(Path(arch).read_text())
     if arch.startswith("local-dir:"):
-        cfg = json.loads((Path(arch[len("local-dir:") :]) / "open_clip_config.json").read_text())
-        return cfg["model_cfg"]
+        folder = Path(arch[len("local-dir:") :])
+        cfg = json.loads((folder / "open_clip_config.json").read_text())
+        return _resolve_export_paths(cfg["model_cfg"], folder)
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ValueError(
@@ -47,6 +50,57 @@ def arch_config(arch: str) -> dict:
             f"{sorted(p.stem for p in PRESETS_DIR.glob('*.json'))}; open_clip has {len(open_clip.list_models())} more "
             "(open_clip.list_models()), or pass a config .json path or local-dir:PATH"
         )
+    return cfg
+
+
+# An export names the Hugging Face text config and tokenizer it carries by this path, relative to
+# the export folder (open_clip itself reads it relative to the working directory).
+EXPORT_HF_PATH = "."
+
+
+def _resolve_export_paths(model_cfg: dict, folder: Path) -> dict:
+    """Make an export's relative Hugging Face text paths absolute (they name files inside it);
+    hub names and absolute paths are left as they are."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and not os.path.isabs(name) and (folder / name).is_dir():
+            text_cfg[key] = str((folder / name).resolve())
+    return model_cfg
+
+
+def _hf_text_cfg(text_cfg: dict, path: str) -> dict:
+    """A text config whose tower is the Hugging Face encoder in ``path`` (projected linearly,
+    mean-pooled unless the architecture says otherwise)."""
+    text_cfg = dict(text_cfg)
+    for k in ("width", "heads", "layers", "vocab_size", "mlp_ratio"):
+        text_cfg.pop(k, None)
+    text_cfg.update(hf_model_name=path, hf_tokenizer_name=path, hf_model_pretrained=True)
+    text_cfg.setdefault("hf_proj_type", "linear")
+    text_cfg.setdefault("hf_pooler_type", "mean_pooler")
+    return text_cfg
+
+
+def trained_config(
+    arch: str,
+    text_hf_model: str | None = None,
+    image_size: int | None = None,
+    init_logit_bias: float | None = None,
+    init_temperature: float | None = None,
+) -> dict:
+    """The open_clip model config mmkit builds: ``arch``'s with every override applied. The model
+    is built from exactly this dict and exports it, so open_clip rebuilds the same architecture
+    (input size, text tower, logit bias) from an export."""
+    cfg = copy.deepcopy(arch_config(arch))
+    if image_size is not None:
+        cfg["vision_cfg"]["image_size"] = image_size
+    if text_hf_model is not None:
+        cfg["text_cfg"] = _hf_text_cfg(cfg["text_cfg"], resolve_hf_path(text_hf_model))
+        cfg["custom_text"] = True
+    if init_temperature is not None:
+        cfg["init_logit_scale"] = math.log(1.0 / init_temperature)
+    if init_logit_bias is not None:
+        cfg["init_logit_bias"] = init_logit_bias  # creates the `logit_bias` parameter
     return cfg
 
 
@@ -87,13 +141,29 @@ class OpenCLIPDualEncoder(DualEncoder):
         return getattr(self.clip, "logit_bias", None)
 
     def export(self, out_dir: str | Path) -> Path:
+        """An open_clip ``local-dir``: weights, the config the model was built from and, for a
+        Hugging Face text tower, its config and tokenizer files (no path outside the folder)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.clip.state_dict().items()}
         save_file(state, str(out / "open_clip_model.safetensors"))
-        cfg = {"model_cfg": self.model_cfg, "preprocess_cfg": self.preprocess_cfg}
+        model_cfg = copy.deepcopy(self.model_cfg)
+        if model_cfg["text_cfg"].get("hf_model_name"):
+            model_cfg["text_cfg"] = self._export_hf_text(out, model_cfg["text_cfg"])
+        cfg = {"model_cfg": model_cfg, "preprocess_cfg": self.preprocess_cfg}
         (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
         return out
+
+    def _export_hf_text(self, out: Path, text_cfg: dict) -> dict:
+        """Write the Hugging Face text tower's config and tokenizer into the export folder, where
+        ``open_clip.get_tokenizer('local-dir:...')`` looks for the tokenizer, and point the text
+        config at them."""
+        from transformers import AutoTokenizer
+
+        self.clip.text.config.save_pretrained(out)
+        AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"]).save_pretrained(out)
+        # The weights are in the safetensors file: only the architecture is read from config.json.
+        return dict(text_cfg, hf_model_name=EXPORT_HF_PATH, hf_tokenizer_name=EXPORT_HF_PATH, hf_model_pretrained=False)
 
 
 def build_open_clip(
@@ -106,43 +176,37 @@ def build_open_clip(
     force_image_size: int | None = None,
 ) -> tuple[OpenCLIPDualEncoder, object, object]:
     """Build the model and its (train, eval) transforms. Never downloads: ``pretrained`` must be
-    a local weights file (tags need the hub, which mmkit does not reach at run time)."""
-    import math
-
-    cfg = dict(arch_config(arch))
-    kwargs: dict = {"init_logit_scale": math.log(1.0 / init_temperature)}
-    if init_logit_bias is not None:
-        kwargs["init_logit_bias"] = init_logit_bias
-    name = arch
-    if text_hf_model is not None or arch.endswith(".json"):
-        if text_hf_model is not None:
-            path = resolve_hf_path(text_hf_model)
-            text_cfg = dict(cfg["text_cfg"])
-            for k in ("width", "heads", "layers", "vocab_size", "mlp_ratio"):
-                text_cfg.pop(k, None)
-            text_cfg.update(hf_model_name=path, hf_tokenizer_name=path, hf_model_pretrained=True)
-            text_cfg.setdefault("hf_proj_type", "linear")
-            text_cfg.setdefault("hf_pooler_type", "mean_pooler")
-            cfg["text_cfg"] = text_cfg
-        cfg.pop("custom_text", None)
-        name = "mmkit-custom-" + hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-        open_clip.factory._MODEL_CONFIGS[name] = cfg  # open_clip's own registry of arch configs
-    if pretrained is not None and not os.path.isfile(pretrained):
+    a local weights file (tags need the hub, which mmkit does not reach at run time); a
+    ``local-dir:`` arch starts from that folder's weights unless ``pretrained`` is given."""
+    model_cfg = trained_config(arch, text_hf_model, force_image_size, init_logit_bias, init_temperature)
+    weights = pretrained if pretrained is not None else _local_dir_weights(arch)
+    if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(
-            f"pretrained weights file not found: {pretrained!r} (give a local .safetensors/.pt file; "
+            f"pretrained weights file not found: {weights!r} (give a local .safetensors/.pt file; "
             "mmkit does not download from a hub)"
         )
+    name = _register(model_cfg)
     clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
         name,
-        pretrained=pretrained,
+        pretrained=weights,
         output_dict=True,
-        force_image_size=force_image_size,
-        **kwargs,
+        force_image_size=force_image_size,  # already in the config; open_clip also resizes timm trunks for it
     )
-    model_cfg = dict(cfg)
-    if text_hf_model is not None:
-        model_cfg["custom_text"] = True
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     model = OpenCLIPDualEncoder(clip, model_cfg, preprocess_cfg, similarity)
     tokenizer = open_clip.get_tokenizer(name)
     return model, (train_tf, eval_tf), tokenizer
+
+
+def _register(model_cfg: dict) -> str:
+    """Add ``model_cfg`` to open_clip's own registry of arch configs under a name derived from it."""
+    name = "mmkit-" + hashlib.sha1(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:10]
+    open_clip.factory._MODEL_CONFIGS[name] = model_cfg
+    return name
+
+
+def _local_dir_weights(arch: str) -> str | None:
+    if not arch.startswith("local-dir:"):
+        return None
+    # open_clip's own choice among the folder's weight files.
+    return open_clip.factory._find_checkpoint_in_dir(Path(arch[len("local-dir:") :]))

@@ -46,6 +46,7 @@ class HFPreprocessing:
 
         self._tokenizer = tokenizer
         self.context_length = context_length
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         norm = T.Normalize(mean=mean, std=std)
         rgb = T.Lambda(_to_rgb)
         self._train = T.Compose(
@@ -67,3 +68,33 @@ class HFPreprocessing:
             return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def save_pretrained(self, text_dir, vision_dir) -> None:
+        """Write the tokenizer (``AutoTokenizer``) and an image processor (``AutoImageProcessor``)
+        that reproduces the evaluation transform: shortest side resized (bilinear) to the image
+        size, centre crop, the same mean/std."""
+        from transformers import CLIPImageProcessor
+
+        self._tokenizer.save_pretrained(text_dir)
+        size = self.image_size
+        CLIPImageProcessor(
+            do_resize=True,
+            size={"shortest_edge": size},
+            resample=int(Image.Resampling.BILINEAR),  # torchvision's Resize default
+            do_center_crop=True,
+            crop_size={"height": size, "width": size},
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=list(self.mean),
+            image_std=list(self.std),
+            do_convert_rgb=True,
+        ).save_pretrained(vision_dir)
+
+    @classmethod
+    def from_pretrained(cls, text_dir, vision_dir, context_length: int) -> HFPreprocessing:
+        """The preprocessing ``save_pretrained`` wrote (an mmkit export's ``text/`` and ``vision/``)."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        proc = AutoImageProcessor.from_pretrained(vision_dir)
+        return cls(AutoTokenizer.from_pretrained(text_dir), context_length, int(proc.crop_size["height"]), proc.image_mean, proc.image_std)

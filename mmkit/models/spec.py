@@ -144,18 +144,20 @@ class OpenCLIP(ModelSpec):
     def preprocessing(self) -> Preprocessing:
         import open_clip
 
-        from mmkit.models.open_clip_model import arch_config, resolve_hf_path
+        from mmkit.models.open_clip_model import trained_config
 
-        cfg = arch_config(self.arch)
-        size = self.image_size or cfg["vision_cfg"].get("image_size", 224)
+        # The config the model is built from: same input size and text tower as the weights.
+        cfg = trained_config(self.arch, self.text_hf_model, self.image_size)
+        size = cfg["vision_cfg"].get("image_size", 224)
         train_tf = open_clip.image_transform(size, is_train=True, aug_cfg=self.augment)
         eval_tf = open_clip.image_transform(size, is_train=False)
-        if self.text_hf_model is not None:
-            tok = open_clip.tokenizer.HFTokenizer(
-                resolve_hf_path(self.text_hf_model), context_length=cfg["text_cfg"].get("context_length", 77)
-            )
+        context_length = cfg["text_cfg"].get("context_length", 77)
+        hf_tokenizer = cfg["text_cfg"].get("hf_tokenizer_name")
+        # A local Hugging Face tokenizer: `text_hf_model`, or the one a local-dir export carries.
+        if hf_tokenizer and os.path.isdir(hf_tokenizer):
+            tok = open_clip.tokenizer.HFTokenizer(hf_tokenizer, context_length=context_length)
         else:
-            tok = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"].get("context_length", 77))
+            tok = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
         return OpenCLIPPreprocessing(train_tf, eval_tf, tok)
 
 
@@ -243,10 +245,11 @@ class HFTowers(ModelSpec):
             self.init_temperature,
             self.init_logit_bias,
             self.similarity,
+            preprocessing=self.preprocessing,  # exported with the towers
         )
 
     @cached_property
-    def preprocessing(self) -> Preprocessing:
+    def preprocessing(self) -> HFPreprocessing:
         from transformers import AutoConfig, AutoTokenizer
 
         from mmkit.models.open_clip_model import resolve_hf_path
