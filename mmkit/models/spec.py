@@ -108,6 +108,10 @@ class OpenCLIP(ModelSpec):
             raise FileNotFoundError(
                 f"OpenCLIP: pretrained={self.pretrained!r} is not a file (give a local weights file; mmkit never downloads)"
             )
+        if self.pretrained is not None:
+            from mmkit.models.pretrained_weights import check_activation
+
+            check_activation(self.arch, cfg, self.pretrained)  # OpenAI's weights need QuickGELU
         vision = cfg.get("vision_cfg", {})
         patch = vision.get("patch_size")
         if self.image_size is not None and patch and not vision.get("timm_model_name") and self.image_size % patch:
