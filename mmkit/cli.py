@@ -130,15 +130,9 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    words = list(sys.argv[1:] if argv is None else argv)
-    from mmkit.modules.deepspeed_support import import_quietly_if_named
-
-    import_quietly_if_named(words)  # keeps DeepSpeed's log lines out of stdout (--print_config)
-    if words and words[0] == "export":
-        export(words[1:])
-        return
-    MMKitCLI(
+def run_cli(argv: list[str] | None = None) -> MMKitCLI:
+    """Run ``mmkit fit|validate|test|predict ...`` and return the CLI (its model, trainer, ...)."""
+    return MMKitCLI(
         DualEncoderModule,
         ImageTextDataModule,
         subclass_mode_model=True,
@@ -147,6 +141,17 @@ def main(argv: list[str] | None = None) -> None:
         auto_configure_optimizers=False,
         args=argv,  # None: LightningCLI reads sys.argv itself (and does not warn)
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    words = list(sys.argv[1:] if argv is None else argv)
+    from mmkit.modules.deepspeed_support import import_quietly_if_named
+
+    import_quietly_if_named(words)  # keeps DeepSpeed's log lines out of stdout (--print_config)
+    if words and words[0] == "export":
+        export(words[1:])
+        return
+    run_cli(argv)
 
 
 if __name__ == "__main__":
