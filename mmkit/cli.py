@@ -23,6 +23,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
+from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 
@@ -63,12 +64,23 @@ class MMKitCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        # Lightning reads a given checkpoint's hyperparameters right after parsing: check the file
-        # first, so that a truncated or corrupt one fails with its name, not a bare unpickling error.
+        # Check a given checkpoint file now, so that a truncated or corrupt one fails with its name,
+        # not a bare unpickling error later; and say where its hyperparameters differ from the config.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint(ckpt_path, mmap=True)
+            hparams = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+            differing = checkpoint_differences(hparams, self.config[subcommand].get("model"))
+            if differing and rank_zero_only.rank == 0:
+                print(f"mmkit: {ckpt_path} was trained with other values of {', '.join(differing)}; "
+                      "the config's (recipe and command line) are used", flush=True)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would parse the checkpoint's hyperparameters over the config here, after the
+        # command line: an override (zero-shot classes, templates, ...) would show in
+        # --print_config and then be ignored. What the user wrote is used instead; the weights
+        # still come from the checkpoint, and a different architecture fails in load_state_dict.
+        pass
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -123,6 +135,22 @@ class SaveRunConfig(SaveConfigCallback):
             self.parser.save(config, os.path.join(folder, self.config_filename), skip_unset=False,
                              overwrite=self.overwrite, multifile=self.multifile)
         self.already_saved = True
+
+
+def checkpoint_differences(hparams: dict[str, Any], model_config: Namespace | None) -> list[str]:
+    """The ``model`` keys whose value in a checkpoint's ``hyper_parameters`` differs from the
+    config's (``model.class_path``, ``model.init_args.<name>``)."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    class_path = hparams.pop("_class_path", None)  # written by LightningCLI's instantiator
+    model_config = model_config or Namespace()
+    differing = []
+    if class_path and _import(class_path) is not _import(model_config.get("class_path") or ""):
+        differing.append("model.class_path")
+    init_args = model_config.get("init_args") or Namespace()
+    for key, value in hparams.items():
+        if key not in init_args or _plain(init_args[key]) != _plain(value):
+            differing.append(f"model.init_args.{key}")
+    return differing
 
 
 def redirect_eval_outputs(config: Namespace, subcommand: str) -> str:
@@ -180,6 +208,17 @@ def _import(path: str) -> Any:
 def _is_subclass(path: str | None, classes: tuple[type, ...]) -> bool:
     cls = _import(path) if isinstance(path, str) else None
     return isinstance(cls, type) and issubclass(cls, classes)
+
+
+def _plain(value: Any) -> Any:
+    """A config or hyperparameter value as plain data (tuples as lists, namespaces as dicts)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def remove_hpc_checkpoints(root: str | Path) -> list[Path]:

@@ -1,8 +1,10 @@
 """`mmkit validate|test|predict --ckpt_path` on a finished fit, run as the README shows them:
-they write to a folder of their own and leave every file of the fit as it was."""
+they write to a folder of their own and leave every file of the fit as it was, and what the
+recipe and the command line say is what they use, whatever the checkpoint was trained with."""
 
 import contextlib
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +24,7 @@ SMALL = [
     "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false",
 ]
 PREDICT = ["--data.init_args.predict", "{class_path: mmkit.data.SyntheticShapes, init_args: {size: 48}}"]  # README: size 1000
+SHAPES_PLUS_ONE = ["circle", "square", "triangle", "cross", "star", "hexagon"]
 
 
 def snapshot(folder: Path, skip: str | None = None) -> dict[str, str]:
@@ -91,6 +94,30 @@ def test_eval_subcommands_leave_the_fit_alone_and_write_to_folders_of_their_own(
 
 
 @pytest.mark.slow
+def test_command_line_overrides_apply_with_a_checkpoint_and_print_config_shows_them(fitted, monkeypatch, capsys):
+    base, _ = fitted
+    monkeypatch.chdir(base)
+    classes = ["--model.init_args.zero_shot_classes", json.dumps(SHAPES_PLUS_ONE)]
+    cli = run_cli(["validate", *README_EVAL, *SMALL, *classes])
+    assert cli.trainer.ckpt_path == CKPT  # the trained weights were loaded...
+    assert cli.model.zero_shot_classes == SHAPES_PLUS_ONE  # ...and the classes given are the ones scored
+    assert cli.model._classifier.shape[0] == len(SHAPES_PLUS_ONE)
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/zeroshot_top1"]) <= 1.0
+    out = capsys.readouterr().out
+    assert f"mmkit: {CKPT} was trained with other values of model.init_args.zero_shot_classes;" in out
+
+    # One class name for labels of five shapes: scored with that one class, the labels don't fit it.
+    with pytest.raises(ValueError, match=r"in \[0, 1\) for 1 class names .* got labels 0\.\.4"):
+        main(["validate", *README_EVAL, *SMALL, "--model.init_args.zero_shot_classes", "[circle]"])
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["validate", *README_EVAL, *SMALL, *classes, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["zero_shot_classes"] == SHAPES_PLUS_ONE
+
+
+@pytest.mark.slow
 def test_validate_with_the_fit_config_loads_no_checkpoint(fitted, monkeypatch):
     base, _ = fitted
     monkeypatch.chdir(base)
@@ -142,3 +169,16 @@ def test_eval_folder_choice_logger_redirect_and_claim(tmp_path, monkeypatch):
     claim_eval_dir(str(tmp_path / "empty"), fresh=False)
     assert (tmp_path / "empty").is_dir()
 
+
+def test_checkpoint_differences_name_the_keys():
+    from jsonargparse import Namespace
+
+    from mmkit.cli import checkpoint_differences
+
+    model = Namespace(class_path="mmkit.CLIPPretrain",
+                      init_args=Namespace(lr=1e-3, betas=(0.9, 0.98), zero_shot_classes=["a", "b"]))
+    same = {"_class_path": "mmkit.modules.clip_pretrain.CLIPPretrain", "_instantiator": "x",
+            "lr": 1e-3, "betas": [0.9, 0.98], "zero_shot_classes": ["a", "b"]}
+    assert checkpoint_differences(same, model) == []
+    assert checkpoint_differences({**same, "lr": 0.1, "gone": 1}, model) == ["model.init_args.lr", "model.init_args.gone"]
+    assert checkpoint_differences({**same, "_class_path": "mmkit.MetricAlign"}, model) == ["model.class_path"]
