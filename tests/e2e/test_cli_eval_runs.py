@@ -5,7 +5,10 @@ recipe and the command line say is what they use, whatever the checkpoint was tr
 import contextlib
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +118,25 @@ def test_command_line_overrides_apply_with_a_checkpoint_and_print_config_shows_t
         main(["validate", *README_EVAL, *SMALL, *classes, "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["zero_shot_classes"] == SHAPES_PLUS_ONE
+
+
+@pytest.mark.slow
+def test_predict_on_two_processes_writes_one_folder(fitted):
+    base, fit_files = fitted
+    run = base / RUN
+    before = _eval_folders(run)
+    # Lightning launches the second rank as a new process running the same command line.
+    cmd = [sys.executable, "-m", "mmkit.cli", "predict", *README_EVAL, *SMALL, *PREDICT,
+           "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (folder,) = _eval_folders(run) - before
+    assert done.stdout.count("mmkit: predict writes to") == 1
+    rows = [load_file(str(folder / "embeddings" / f"embeddings_rank{r}.safetensors"))["index"] for r in (0, 1)]
+    assert sorted(i for r in rows for i in r.tolist()) == list(range(48))
+    assert snapshot(run, skip="eval") == fit_files
 
 
 @pytest.mark.slow
