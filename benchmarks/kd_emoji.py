@@ -270,6 +270,7 @@ def main() -> None:
         cfg["model"]["init_args"]["predict_with"] = "teacher"
         cfg["data"]["init_args"]["predict"] = cfg["data"]["init_args"]["train"]
         cfg["trainer"].pop("callbacks", None)
+        cfg["eval_dir"] = str(store_dir)  # predict writes into a folder of its own: this one (run_mmkit empties it)
         predict_s = run_mmkit("predict", cfg, store_dir, env)
         cfg = kd_config(a, out / "precomputed", steps, teacher_ckpt, settings[best], store=store_dir / "embeddings")
         student("precomputed", cfg, describe(settings[best]) + ", pre-computed teacher")["predict_s"] = predict_s

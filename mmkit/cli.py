@@ -7,10 +7,13 @@ model's transforms and tokenizer are linked into the data module when both are i
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any, Optional
 
 # Offline by construction: nothing may be fetched from a model hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,7 +21,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
+from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
+from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 
 from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
@@ -29,8 +36,16 @@ from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
 from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
 
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+# The eval folder rank zero chose, for the processes Lightning launches for the other local ranks
+# (each runs this CLI again and must not pick a folder of its own). Read only where LOCAL_RANK > 0:
+# in the launching process itself the value may be left from an earlier run in the same process.
+EVAL_DIR_ENV = "MMKIT_EVAL_DIR"
+
 
 class MMKitCLI(LightningCLI):
+    eval_dir: str | None = None  # validate/test/predict: the folder everything the run writes goes to
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(
             "model", "data.init_args.preprocessing", compute_fn=lambda m: m.preprocessing, apply_on="instantiate"
@@ -40,16 +55,45 @@ class MMKitCLI(LightningCLI):
         parser.add_lightning_class_args(BadSampleCallback, "bad_samples")
         parser.add_lightning_class_args(ResumeState, "resume_state")  # RNG states in checkpoints: exact resume
         parser.add_argument("--test_after_fit", type=bool, default=True, help="run `test` after `fit` when the data has a test split")
+        parser.add_argument(
+            "--eval_dir", type=Optional[str], default=None,
+            help="validate/test/predict: the folder for everything they write (must be new or empty); "
+                 "default: a new <trainer.default_root_dir>/eval/<subcommand>-<time>/",
+        )
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        # Lightning reads a given checkpoint's hyperparameters right after parsing: check the file
-        # first, so that a truncated or corrupt one fails with its name, not a bare unpickling error.
+        # Check a given checkpoint file now, so that a truncated or corrupt one fails with its name,
+        # not a bare unpickling error later; and say where its hyperparameters differ from the config.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint(ckpt_path, mmap=True)
+            hparams = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+            differing = checkpoint_differences(hparams, self.config[subcommand].get("model"))
+            if differing and rank_zero_only.rank == 0:
+                print(f"mmkit: {ckpt_path} was trained with other values of {', '.join(differing)}; "
+                      "the config's (recipe and command line) are used", flush=True)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would parse the checkpoint's hyperparameters over the config here, after the
+        # command line: an override (zero-shot classes, templates, ...) would show in
+        # --print_config and then be ignored. What the user wrote is used instead; the weights
+        # still come from the checkpoint, and a different architecture fails in load_state_dict.
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in EVAL_SUBCOMMANDS:
+            self.eval_dir = redirect_eval_outputs(config, self.subcommand)
+        elif config.get("eval_dir"):
+            raise ValueError("--eval_dir is for validate, test and predict; fit writes to trainer.default_root_dir")
+
+    def after_instantiate_classes(self) -> None:
+        if self.eval_dir is not None and self.trainer.is_global_zero:
+            claim_eval_dir(self.eval_dir, fresh=not self._get(self.config, "eval_dir"))
+            print(f"mmkit: {self.subcommand} writes to {self.eval_dir}", flush=True)
+            os.environ[EVAL_DIR_ENV] = self.eval_dir  # for the ranks Lightning launches next
 
     def before_fit(self) -> None:
         # `--ckpt_path last`: the newest checkpoint that loads, skipping (and naming) broken ones;
@@ -70,6 +114,111 @@ class MMKitCLI(LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(c, EmbeddingWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the run's resolved config as ``config.yaml``: a fit's into its log folder, with
+    ``ckpt_path`` left out (a later ``mmkit validate --config <run>/config.yaml`` must not load a
+    checkpoint unasked); validate/test/predict's into their own eval folder (their
+    ``default_root_dir``, see :func:`redirect_eval_outputs`), with the checkpoint they evaluated."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        fit = stage == "fit"
+        folder = trainer.log_dir if fit else trainer.default_root_dir  # log_dir is a collective: every rank asks
+        if trainer.is_global_zero:
+            config = self.config.clone()
+            if fit:
+                config.ckpt_path = None
+            get_filesystem(folder).makedirs(folder, exist_ok=True)
+            self.parser.save(config, os.path.join(folder, self.config_filename), skip_unset=False,
+                             overwrite=self.overwrite, multifile=self.multifile)
+        self.already_saved = True
+
+
+def checkpoint_differences(hparams: dict[str, Any], model_config: Namespace | None) -> list[str]:
+    """The ``model`` keys whose value in a checkpoint's ``hyper_parameters`` differs from the
+    config's (``model.class_path``, ``model.init_args.<name>``)."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    class_path = hparams.pop("_class_path", None)  # written by LightningCLI's instantiator
+    model_config = model_config or Namespace()
+    differing = []
+    if class_path and _import(class_path) is not _import(model_config.get("class_path") or ""):
+        differing.append("model.class_path")
+    init_args = model_config.get("init_args") or Namespace()
+    for key, value in hparams.items():
+        if key not in init_args or _plain(init_args[key]) != _plain(value):
+            differing.append(f"model.init_args.{key}")
+    return differing
+
+
+def redirect_eval_outputs(config: Namespace, subcommand: str) -> str:
+    """Point everything a validate/test/predict run writes at a folder of its own, so that it
+    never overwrites a fit's ``metrics.csv``, ``config.yaml`` or anything else: ``--eval_dir``, or
+    a new ``<trainer.default_root_dir>/eval/<subcommand>-<time>[-N]``. Sets that folder as the
+    run's ``default_root_dir`` and as the ``save_dir`` of its CSV and TensorBoard loggers (with
+    no name/version subfolders). Other loggers (W&B, MLflow, ...) start runs of their own anyway.
+    Returns the folder; nothing is created here (see :func:`claim_eval_dir`)."""
+    trainer = config.trainer
+    inherited = os.environ.get(EVAL_DIR_ENV) if int(os.environ.get("LOCAL_RANK") or 0) > 0 else None
+    folder = config.get("eval_dir") or inherited or new_eval_dir(trainer.default_root_dir or os.getcwd(), subcommand)
+    trainer.default_root_dir = folder
+    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+    for logger in loggers:
+        if isinstance(logger, Namespace) and _is_subclass(logger.get("class_path"), (CSVLogger, TensorBoardLogger)):
+            if logger.get("init_args") is None:
+                logger.init_args = Namespace()
+            logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = folder, "", ""
+    return folder
+
+
+def new_eval_dir(root: str | Path, subcommand: str) -> str:
+    """``<root>/eval/<subcommand>-<YYYYmmdd-HHMMSS>``, with ``-1``, ``-2``, ... if that exists."""
+    base = os.path.join(str(root), "eval", f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}")
+    fs = get_filesystem(base)
+    folder, n = base, 0
+    while fs.exists(folder):
+        n += 1
+        folder = f"{base}-{n}"
+    return folder
+
+
+def claim_eval_dir(folder: str, fresh: bool) -> None:
+    """Create the eval folder (global rank zero). A chosen ``fresh`` name must still be free; a
+    folder given with ``--eval_dir`` may exist but must be empty."""
+    fs = get_filesystem(folder)
+    if fs.exists(folder) and (fresh or fs.ls(folder)):
+        raise FileExistsError(
+            f"mmkit: {folder} was created by another run meanwhile; run again" if fresh else
+            f"mmkit: --eval_dir {folder} already holds files; give a new or empty folder "
+            "(or leave --eval_dir out for a new one under <default_root_dir>/eval/)"
+        )
+    fs.makedirs(folder, exist_ok=True)
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path  # compared as a name
+
+
+def _is_subclass(path: str | None, classes: tuple[type, ...]) -> bool:
+    cls = _import(path) if isinstance(path, str) else None
+    return isinstance(cls, type) and issubclass(cls, classes)
+
+
+def _plain(value: Any) -> Any:
+    """A config or hyperparameter value as plain data (tuples as lists, namespaces as dicts)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def remove_hpc_checkpoints(root: str | Path) -> list[Path]:
@@ -130,6 +279,20 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def run_cli(argv: list[str] | None = None) -> MMKitCLI:
+    """Run ``mmkit fit|validate|test|predict ...`` and return the CLI (its model, trainer, ...)."""
+    return MMKitCLI(
+        DualEncoderModule,
+        ImageTextDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=argv,  # None: LightningCLI reads sys.argv itself (and does not warn)
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
     from mmkit.modules.deepspeed_support import import_quietly_if_named
@@ -138,15 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if words and words[0] == "export":
         export(words[1:])
         return
-    MMKitCLI(
-        DualEncoderModule,
-        ImageTextDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=argv,  # None: LightningCLI reads sys.argv itself (and does not warn)
-    )
+    run_cli(argv)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,10 @@ class ZeroShotAccuracy(Metric):
         keep = labels != -1
         labels = labels[keep].long()
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"labels must be -1 or in [0, {num_classes})")
+            raise ValueError(
+                f"labels must be -1 or in [0, {num_classes}) for {num_classes} class names (zero_shot_classes), "
+                f"got labels {int(labels.min())}..{int(labels.max())}"
+            )
         # Normalising the images cannot change any image's class ranking, so it is skipped.
         logits = image_features[keep].float() @ classifier.float().to(image_features.device).T
         top = logits.topk(min(max(self.top_k), num_classes), dim=1).indices

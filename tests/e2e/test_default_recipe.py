@@ -46,11 +46,12 @@ def test_default_recipe_learns_reports_and_serves_the_other_subcommands(tmp_path
     common = ["--config", str(RECIPE), *SMALL, "--trainer.default_root_dir", str(again),
               "--trainer.logger.init_args.save_dir", str(again), "--ckpt_path", ckpt]
     main(["test", *common])
-    retested = (again / "metrics.csv").read_text()
-    assert "test/i2t_R@1" in retested
+    (retested,) = (again / "eval").glob("test-*/metrics.csv")  # each evaluation in a folder of its own
+    assert "test/i2t_R@1" in retested.read_text()
     main(["predict", *common, "--data.init_args.predict", json.dumps(
         {"class_path": "mmkit.data.SyntheticShapes", "init_args": {"size": 30, "seed": 5, "image_size": 32}})])
-    emb = load_file(str(again / "embeddings" / "embeddings_rank0.safetensors"))
+    (emb,) = (again / "eval").glob("predict-*/embeddings/embeddings_rank0.safetensors")
+    emb = load_file(str(emb))
     assert emb["image_features"].shape[0] == 30 and emb["index"].tolist() == list(range(30))
 
     main(["export", "--config", str(RECIPE), "--ckpt_path", ckpt, "--out", str(tmp_path / "exported")])

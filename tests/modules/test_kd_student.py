@@ -315,7 +315,7 @@ def test_recipe_runs_through_the_cli_live_and_from_precomputed_embeddings(tiny_a
     # The documented two-step route: write the teacher's embeddings of the training data, then
     # train with no teacher at all.
     train_source = {"class_path": "mmkit.data.SyntheticShapes", "init_args": {"size": 64, "seed": 0, "image_size": 16}}
-    main(["predict", *small, *run_dir("store"), "--model.init_args.predict_with", "teacher",
+    main(["predict", *small, "--eval_dir", str(tmp_path / "store"), "--model.init_args.predict_with", "teacher",
           "--data.init_args.predict", json.dumps(train_source)])
     store = TeacherEmbeddings(tmp_path / "store" / "embeddings")
     assert len(store) == 64 and store.embed_dim == 24 and store.logit_scale is not None
