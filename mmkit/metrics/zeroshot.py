@@ -19,6 +19,33 @@ from mmkit import distributed as D
 Template = str | Callable[[str], str]
 
 
+def zero_shot_class_names(given: Sequence[str] | None, data_names: Sequence[str] | None, where: str) -> list[str]:
+    """The class names of the zero-shot classifier's rows, in label order (row i scores label i).
+
+    ``given`` (the ``zero_shot_classes`` setting): None takes the data's own names (a source's
+    ``class_names``: string labels, an HF ``ClassLabel``, a shard set's class list); ``[]`` turns
+    zero-shot off. A given list is matched to the data's names by name, so the order in which it
+    is typed cannot pair a name with another class's label; names the data lacks, or data classes
+    the list lacks, are an error naming both. Data without class names: the list as given.
+    """
+    if given is not None and len(given) == 0:
+        return []
+    if data_names is None:
+        return list(given or [])
+    if given is None:
+        return list(data_names)
+    cleaned = [str(name).strip() for name in given]
+    if set(cleaned) != set(data_names) or len(cleaned) != len(data_names):
+        unknown = [n for n in cleaned if n not in data_names]
+        missing = [n for n in data_names if n not in cleaned]
+        raise ValueError(
+            f"zero_shot_classes {cleaned} do not match the class names of the {where} "
+            f"({list(data_names)}, in label order): not in the data {unknown}, missing {missing}; "
+            "leave zero_shot_classes out to use the data's names"
+        )
+    return list(data_names)  # the data's label order, whatever order the list was typed in
+
+
 @torch.no_grad()
 def build_zeroshot_classifier(
     class_names: Sequence[str],

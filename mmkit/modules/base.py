@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mmkit import distributed as D
 from mmkit.metrics.retrieval import RetrievalMetrics
-from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier
+from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
 from mmkit.modules import deepspeed_support as ds
@@ -55,7 +55,9 @@ class DualEncoderModule(L.LightningModule):
             not the Trainer's ``accumulate_grad_batches``, for batch-level losses.
         max_logit_scale: clamp of the learnable inverse temperature (CLIP: 100).
         max_consecutive_nonfinite: skip steps whose loss is NaN/inf; stop after this many in a row.
-        zero_shot_classes: class names for zero-shot accuracy on labelled eval splits.
+        zero_shot_classes: class names for zero-shot accuracy on labelled eval splits. Default:
+            the eval data's own class names (where it has them); ``[]`` turns zero-shot off. A
+            given list is matched to the data's names by name (its order does not matter).
         zero_shot_templates: prompt templates with ``{}`` for the class name.
         export_dir: where to write the trained model at the end of ``fit`` (default:
             ``<log_dir>/export``); an empty string disables the export.
@@ -258,7 +260,8 @@ class DualEncoderModule(L.LightningModule):
         self._zeroshot[split] = self._zeroshot[split].to(self.device)
         self._zeroshot[split].reset()
         self._classifier = None
-        if self.zero_shot_classes:
+        class_names = zero_shot_class_names(self.zero_shot_classes, self._eval_class_names(split), f"{split} data")
+        if class_names:
             tokenize = self.preprocessing.tokenize
 
             def encode(prompts: list[str]) -> Tensor:
@@ -269,7 +272,12 @@ class DualEncoderModule(L.LightningModule):
 
             # ZeRO-3 gathers parameters only inside a module's forward; this runs outside any.
             with torch.no_grad(), ds.gathered(self):
-                self._classifier = build_zeroshot_classifier(self.zero_shot_classes, self.zero_shot_templates, encode)
+                self._classifier = build_zeroshot_classifier(class_names, self.zero_shot_templates, encode)
+
+    def _eval_class_names(self, split: str) -> list[str] | None:
+        # The data module's source for the split (a DataLoader wraps it in batch fetchers).
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(getattr(datamodule, split, None), "class_names", None)
 
     def _eval_step(self, batch: dict, split: str) -> None:
         if batch["images"].shape[0] == 0:

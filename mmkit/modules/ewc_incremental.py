@@ -64,7 +64,7 @@ from mmkit.losses.ewc import (
 )
 from mmkit.metrics.continual import ContinualMatrix
 from mmkit.metrics.retrieval import RetrievalMetrics
-from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier
+from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.spec import ModelSpec
 from mmkit.modules import deepspeed_support as ds
 from mmkit.modules.base import DualEncoderModule
@@ -287,14 +287,17 @@ class EWCIncremental(DualEncoderModule):
         return dict(rows)
 
     def _zero_shot_classifier(self) -> Tensor | None:
-        if not self.zero_shot_classes:
+        dm = self._stream()
+        source = dm.stream_val if dm.stream_val is not None else dm.stream_train  # val parts may come from train
+        class_names = zero_shot_class_names(self.zero_shot_classes, getattr(source, "class_names", None), "stream's val data")
+        if not class_names:
             return None
         tokenize = self.preprocessing.tokenize
 
         def encode(prompts: list[str]) -> Tensor:
             return self.model(None, move_data_to_device(tokenize(prompts), self.device))["text_features"]  # FSDP2: via forward
 
-        return build_zeroshot_classifier(self.zero_shot_classes, self.zero_shot_templates, encode)
+        return build_zeroshot_classifier(class_names, self.zero_shot_templates, encode)
 
     # -- Fisher --------------------------------------------------------------------------------
     def _estimate_fisher(self, task: int) -> dict[str, Tensor]:

@@ -139,6 +139,8 @@ class KDStudent(DualEncoderModule):
             raise ValueError(f"KDStudent: predict_with must be 'student' or 'teacher', got {predict_with!r}")
         if student_towers == "image" and self.zero_shot_classes:
             raise ValueError("KDStudent: zero-shot classification needs a student text tower (student_towers: both or text)")
+        if student_towers == "image":
+            self.zero_shot_classes = []  # not the data's class names either: no text tower to score them
         self.teacher_spec = teacher
         self.loss = loss if loss is not None else DistillationLoss()
         self.student_towers = student_towers

@@ -111,3 +111,17 @@ def test_all_bad_batch_keeps_counts_with_empty_tensors(tmp_path):
     assert batch["images"].shape[0] == 0 and batch["texts"].shape[0] == 0
     assert batch["index"].dtype == torch.long and batch["index"].numel() == 0
     assert batch["num_skipped"] == 2 and len(batch["skipped"]) == 2
+
+
+def test_class_names_name_integer_labels_and_order_string_labels(tmp_path, good_csv):
+    ds = ManifestDataset(str(good_csv), label_column="label", class_names=["dog", "cat"])
+    assert ds.class_names == ["dog", "cat"] and [ds[i]["label"] for i in range(4)] == [1, 0, 1, -1]
+    with pytest.raises(ValueError, match=r"train.csv column 'label' line 2: label 'cat' is not among class_names \['dog'\]"):
+        ManifestDataset(str(good_csv), label_column="label", class_names=["dog"])
+    write_images(tmp_path / "img", ["a.jpg"])
+    ints = tmp_path / "ints.csv"
+    write_csv(ints, [{"image": "img/a.jpg", "caption": "x", "label": "1"}, {"image": "img/a.jpg", "caption": "y", "label": "2"}])
+    assert ManifestDataset(str(ints), label_column="label").class_names is None
+    assert ManifestDataset(str(ints), label_column="label", class_names=["a", "b", "c"]).class_names == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="line 3: label 2 has no name: class_names lists 2"):
+        ManifestDataset(str(ints), label_column="label", class_names=["a", "b"])

@@ -164,3 +164,14 @@ def test_json_labels_and_shuffle_buffer(tmp_path):
     assert [s["label"] for s in plain] == [i % 4 for i in range(12)]
     mixed = [s["index"] for s in WebDatasetShards(str(tmp_path / "j.tar"), shuffle_buffer=5)]
     assert sorted(mixed) == list(range(12)) and mixed != list(range(12))
+
+
+def test_class_names_for_cls_labels_from_a_list_or_a_classnames_file(tmp_path):
+    shards = make_shards(tmp_path, [4])
+    names = tmp_path / "classnames.txt"
+    names.write_text("tench\ngoldfish\n\ngreat white shark\n")
+    assert WebDatasetShards(shards[0], class_names=str(names)).class_names == ["tench", "goldfish", "great white shark"]
+    assert WebDatasetShards(shards[0], class_names=["a", "b"]).class_names == ["a", "b"]
+    assert WebDatasetShards(shards[0]).class_names is None
+    with pytest.raises(FileNotFoundError, match="class_names='nope.txt' is neither a list nor a file"):
+        WebDatasetShards(shards[0], class_names="nope.txt")

@@ -27,7 +27,7 @@ SMALL = [
     "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false",
 ]
 PREDICT = ["--data.init_args.predict", "{class_path: mmkit.data.SyntheticShapes, init_args: {size: 48}}"]  # README: size 1000
-SHAPES_PLUS_ONE = ["circle", "square", "triangle", "cross", "star", "hexagon"]
+TEMPLATES = ["a drawing of a {}"]  # not the recipe's (nor the checkpoint's) templates
 
 
 def snapshot(folder: Path, skip: str | None = None) -> dict[str, str]:
@@ -100,24 +100,23 @@ def test_eval_subcommands_leave_the_fit_alone_and_write_to_folders_of_their_own(
 def test_command_line_overrides_apply_with_a_checkpoint_and_print_config_shows_them(fitted, monkeypatch, capsys):
     base, _ = fitted
     monkeypatch.chdir(base)
-    classes = ["--model.init_args.zero_shot_classes", json.dumps(SHAPES_PLUS_ONE)]
-    cli = run_cli(["validate", *README_EVAL, *SMALL, *classes])
+    templates = ["--model.init_args.zero_shot_templates", json.dumps(TEMPLATES)]
+    cli = run_cli(["validate", *README_EVAL, *SMALL, *templates])
     assert cli.trainer.ckpt_path == CKPT  # the trained weights were loaded...
-    assert cli.model.zero_shot_classes == SHAPES_PLUS_ONE  # ...and the classes given are the ones scored
-    assert cli.model._classifier.shape[0] == len(SHAPES_PLUS_ONE)
+    assert cli.model.zero_shot_templates == TEMPLATES  # ...and the templates given are the ones scored with
     assert 0.0 <= float(cli.trainer.callback_metrics["val/zeroshot_top1"]) <= 1.0
     out = capsys.readouterr().out
-    assert f"mmkit: {CKPT} was trained with other values of model.init_args.zero_shot_classes;" in out
+    assert f"mmkit: {CKPT} was trained with other values of model.init_args.zero_shot_templates;" in out
 
-    # One class name for labels of five shapes: scored with that one class, the labels don't fit it.
-    with pytest.raises(ValueError, match=r"in \[0, 1\) for 1 class names .* got labels 0\.\.4"):
+    # One class name for data labelled with five shapes: refused, naming both lists.
+    with pytest.raises(ValueError, match=r"zero_shot_classes \['circle'\] do not match the class names of the val data"):
         main(["validate", *README_EVAL, *SMALL, "--model.init_args.zero_shot_classes", "[circle]"])
 
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        main(["validate", *README_EVAL, *SMALL, *classes, "--print_config"])
+        main(["validate", *README_EVAL, *SMALL, *templates, "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["zero_shot_classes"] == SHAPES_PLUS_ONE
+    assert printed["model"]["init_args"]["zero_shot_templates"] == TEMPLATES
 
 
 @pytest.mark.slow

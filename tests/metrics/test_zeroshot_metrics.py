@@ -70,3 +70,16 @@ def test_top5_only_with_at_least_five_classes():
 def test_rejects_labels_outside_the_classes():
     with pytest.raises(ValueError, match="labels"):
         ZeroShotAccuracy().update(torch.eye(3), torch.tensor([0, 1, 3]), torch.eye(3))
+
+
+def test_zero_shot_class_names_follow_the_data_whatever_order_they_are_typed_in():
+    from mmkit.metrics.zeroshot import zero_shot_class_names
+
+    data = ["cat", "dog", "emu"]
+    assert zero_shot_class_names(None, data, "val data") == data  # default: the data's own names
+    assert zero_shot_class_names(["emu", "cat", " dog"], data, "val data") == data  # label order, not typed order
+    assert zero_shot_class_names([], data, "val data") == []  # off
+    assert zero_shot_class_names(["b", "a"], None, "val data") == ["b", "a"]  # integer labels: as given
+    assert zero_shot_class_names(None, None, "val data") == []
+    with pytest.raises(ValueError, match=r"not in the data \['cow'\], missing \['dog', 'emu'\]"):
+        zero_shot_class_names(["cat", "cow"], data, "val data")

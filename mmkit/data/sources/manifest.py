@@ -28,6 +28,9 @@ class ManifestDataset(Dataset):
         caption_column: Column holding the caption text.
         label_column: Optional column with a class label (integers, or names mapped to
             indices in sorted order and listed in ``class_names``). Empty cells give -1.
+        class_names: The classes' names in label order: names for integer labels (label i is
+            ``class_names[i]``), or the order of string labels (every label must be listed).
+            Zero-shot evaluation scores with these names by default.
         image_root: Folder that relative image paths resolve against; default: the manifest's folder.
     """
 
@@ -38,6 +41,7 @@ class ManifestDataset(Dataset):
         caption_column: str = "caption",
         label_column: str | None = None,
         image_root: str | None = None,
+        class_names: list[str] | None = None,
     ) -> None:
         self.path = str(path)
         ext = os.path.splitext(self.path)[1].lower()
@@ -69,7 +73,7 @@ class ManifestDataset(Dataset):
                 self._captions.append(caption)
                 self._lines.append(line)
                 raw_labels.append(rec.get(label_column) if label_column else None)
-        self._labels, self.class_names = _encode_labels(raw_labels)
+        self._labels, self.class_names = _encode_labels(raw_labels, class_names, f"{self.path} column {label_column!r}", self._lines)
         self._image_ids = _ids_by_path([self._resolve(p) for p in self._images])
 
     def __len__(self) -> int:
@@ -141,13 +145,29 @@ def _ids_by_path(paths: list[str | None]) -> list[int]:
     return out
 
 
-def _encode_labels(raw: list[Any]) -> tuple[list[int], list[str] | None]:
-    """Integer labels as they are; string labels mapped to sorted class indices; missing -> -1."""
-    present = [r for r in raw if r is not None and str(r).strip() != ""]
+def _encode_labels(
+    raw: list[Any], names: list[str] | None, where: str, lines: list[int]
+) -> tuple[list[int], list[str] | None]:
+    """Integer labels as they are; string labels mapped to their index in ``names`` (default: the
+    sorted distinct labels); missing -> -1. Returns the labels and the class names (or None)."""
+    present = [(i, str(r).strip()) for i, r in enumerate(raw) if r is not None and str(r).strip() != ""]
     try:
-        return [int(r) if r is not None and str(r).strip() != "" else -1 for r in raw], None
-    except (TypeError, ValueError):
-        pass
-    class_names = sorted({str(r).strip() for r in present})
-    lookup = {name: i for i, name in enumerate(class_names)}
-    return [lookup[str(r).strip()] if r is not None and str(r).strip() != "" else -1 for r in raw], class_names
+        labels = [-1] * len(raw)
+        for i, value in present:
+            labels[i] = int(value)
+    except ValueError:
+        labels = None
+    if labels is not None:  # integer labels
+        beyond = [(i, v) for i, v in enumerate(labels) if names is not None and v >= len(names)]
+        if beyond:
+            i, v = beyond[0]
+            raise ValueError(f"{where} line {lines[i]}: label {v} has no name: class_names lists {len(names)}")
+        return labels, (list(names) if names is not None else None)
+    class_names = list(names) if names is not None else sorted({v for _, v in present})
+    lookup = {name: k for k, name in enumerate(class_names)}
+    labels = [-1] * len(raw)
+    for i, value in present:
+        if value not in lookup:
+            raise ValueError(f"{where} line {lines[i]}: label {value!r} is not among class_names {class_names}")
+        labels[i] = lookup[value]
+    return labels, class_names

@@ -61,6 +61,9 @@ class WebDatasetShards(IterableDataset):
         caption_ext: Member extension holding the caption text.
         image_exts: Member extensions tried, in order, for the image.
         index_stride: Multiplier that keeps ``index`` unique; must exceed samples per shard.
+        class_names: Names of the integer labels in ``.cls`` members (or a ``.json`` member's
+            ``label``), label i being ``class_names[i]``, as a list or a text file with one name
+            per line (open_clip's classnames files). Zero-shot evaluation scores with them.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class WebDatasetShards(IterableDataset):
         caption_ext: str = "txt",
         image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
         index_stride: int = 1_000_000,
+        class_names: list[str] | str | None = None,
     ) -> None:
         sources = [urls] if isinstance(urls, str) else list(urls)
         if not sources:
@@ -102,6 +106,7 @@ class WebDatasetShards(IterableDataset):
         self.caption_ext = caption_ext.lower()
         self.image_exts = [e.lower() for e in image_exts]
         self.index_stride = index_stride
+        self.class_names = _class_names(class_names)
         self.rank: int | None = None
         self.world_size: int | None = None
         self.batch_size: int | None = None
@@ -271,6 +276,15 @@ class WebDatasetShards(IterableDataset):
         if isinstance(image, str):
             return BadSample(f"{where}: {image}")
         return make_sample(image, caption, index, index, _label(parts))
+
+
+def _class_names(names: list[str] | str | None) -> list[str] | None:
+    if not isinstance(names, str):
+        return list(names) if names is not None else None
+    if not os.path.isfile(names):
+        raise FileNotFoundError(f"WebDatasetShards: class_names={names!r} is neither a list nor a file")
+    with open(names, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def _expand(pattern: str) -> list[str]:
