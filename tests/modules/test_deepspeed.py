@@ -241,7 +241,8 @@ def test_zero_checkpoint_consolidates_and_exports(engine_runs, name, tmp_path):
 
 
 # -- Lightning's DeepSpeedStrategy, through `mmkit fit` with the shipped ZeRO-3 recipe ------------
-def _fit(out: Path, devices: int, batch: int, chunks: int, deepspeed_config: str | None) -> None:
+def _fit(out: Path, devices: int, batch: int, chunks: int, deepspeed_config: str | None,
+         recipe: str = "recipes/clip_deepspeed_zero3.yaml") -> None:
     strategy = (["--trainer.strategy", "deepspeed_cpu.CPUDeepSpeedStrategy", "--trainer.strategy.config", deepspeed_config]
                 if deepspeed_config else ["--trainer.strategy", "auto"])
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -249,7 +250,7 @@ def _fit(out: Path, devices: int, batch: int, chunks: int, deepspeed_config: str
     if deepspeed_config:
         callbacks.append({"class_path": "deepspeed_cpu.RecordDeepSpeed", "init_args": {"out": str(out)}})
     cmd = [
-        sys.executable, str(HERE / "deepspeed_fit_script.py"), "fit", "--config", "recipes/clip_deepspeed_zero3.yaml",
+        sys.executable, str(HERE / "deepspeed_fit_script.py"), "fit", "--config", recipe,
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), *strategy,
         "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.val_check_interval", "null",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -312,3 +313,13 @@ def test_gpu_check_refuses_cleanly_without_a_gpu():
     assert time.perf_counter() - start < 240
     usage = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert usage.returncode == 0 and "--strategies" in usage.stdout
+
+
+def test_lightning_deepspeed_zero2_recipe_trains_and_exports(tmp_path):
+    """The shipped ZeRO-2 recipe (its strategy swapped for the CPU stand-in of Lightning's
+    DeepSpeedStrategy, which refuses CPUs) on 2 processes: a ZeRO-2 engine takes the steps and the
+    run exports."""
+    _fit(tmp_path / "ds", WORLD, PER_RANK, 1, "recipes/deepspeed/zero2.json", recipe="recipes/clip_deepspeed_zero2.yaml")
+    engine = json.loads((tmp_path / "ds" / "engine.json").read_text())
+    assert engine["zero_stage"] == 2 and engine["world_size"] == WORLD and engine["global_step"] == 2
+    assert _exported(tmp_path / "ds" / "export")
