@@ -66,6 +66,8 @@ def _eval_folders(run: Path) -> set[Path]:
 
 @pytest.mark.slow
 def test_eval_subcommands_leave_the_fit_alone_and_write_to_folders_of_their_own(fitted, monkeypatch, capsys):
+    """The README's order: fit, validate, test, predict, export, then the export loaded by
+    open_clip gives predict's embeddings; the fit's folder is intact at the end."""
     base, fit_files = fitted
     monkeypatch.chdir(base)
     run = base / RUN
@@ -89,11 +91,33 @@ def test_eval_subcommands_leave_the_fit_alone_and_write_to_folders_of_their_own(
             assert f"{split}/i2t_R@1" in (folder / "metrics.csv").read_text()
         written.setdefault(subcommand, []).append((folder, snapshot(folder)))
 
+    # `mmkit export` as the README shows it; open_clip's own loader and transforms on the export
+    # reproduce predict's embeddings of the same samples.
+    main(["export", "--config", "recipes/default.yaml", "--ckpt_path", CKPT, "--out", "my_model"])
+    _assert_open_clip_gives_predicts_embeddings(base / "my_model", written["predict"][0][0])
+
     # The fit's files: all there, byte for byte.
     assert snapshot(run, skip="eval") == fit_files
     # The second validate did not touch the first's folder.
     (first, first_files), (second, _) = written["validate"]
     assert first != second and snapshot(first) == first_files
+
+
+def _assert_open_clip_gives_predicts_embeddings(export: Path, predict_folder: Path) -> None:
+    import open_clip
+    import torch
+
+    from mmkit.data import SyntheticShapes
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
+    samples = [SyntheticShapes(48)[i] for i in range(48)]  # PREDICT's source
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([preprocess(s["image"]) for s in samples]), normalize=True)
+        text = model.encode_text(tokenizer([s["caption"] for s in samples]), normalize=True)
+    emb = load_file(str(predict_folder / "embeddings" / "embeddings_rank0.safetensors"))
+    assert torch.allclose(image, emb["image_features"], atol=1e-5), (image - emb["image_features"]).abs().max()
+    assert torch.allclose(text, emb["text_features"], atol=1e-5), (text - emb["text_features"]).abs().max()
 
 
 @pytest.mark.slow
