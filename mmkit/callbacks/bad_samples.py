@@ -1,5 +1,5 @@
-"""Watches the bad-sample counts that mmkit batches carry during training: logs them, shows the
-first reasons, and stops the run when too much of the data is unusable."""
+"""Watches the bad-sample counts that mmkit batches carry during training, validation and test:
+logs them, shows the first reasons, and stops the run when too much of the data is unusable."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class BadSampleCallback(Callback):
 
     Counts are summed over ranks every ``check_every_n_steps`` batches and at epoch end, so every
     rank reaches the same verdict at the same step (one rank raising alone would hang DDP).
+    Validation and test splits are counted the same way, per pass over the split, logged as
+    ``val/data_skipped`` (``test/...``) and held to the same limit; a split whose every sample is
+    bad fails before its metrics are computed from nothing.
 
     Args:
         max_bad_fraction: Largest tolerated skipped fraction; default: the datamodule's
@@ -43,6 +46,7 @@ class BadSampleCallback(Callback):
         self._local = BadSampleTracker(max_reasons=num_reasons)  # this rank, since the last sync
         self._printed = 0
         self._reported_skipped = 0
+        self._eval: dict[str, BadSampleTracker] = {}  # this rank's counts of the split being evaluated
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.tracker.reset()
@@ -77,6 +81,43 @@ class BadSampleCallback(Callback):
             self._reported_skipped = self.tracker.skipped
         self._check(trainer)
 
+    # -- validation and test: the same rules, per pass over the split -------------------------
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval["val"] = BadSampleTracker(max_reasons=self.tracker.max_reasons)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval["test"] = BadSampleTracker(max_reasons=self.tracker.max_reasons)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(batch, dict) and "num_skipped" in batch and "val" in self._eval:
+            self._eval["val"].update(batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(batch, dict) and "num_skipped" in batch and "test" in self._eval:
+            self._eval["test"].update(batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning calls callbacks before the module's own epoch end, where the metrics are computed.
+        self._finish_eval("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish_eval("test", trainer, pl_module)
+
+    def _finish_eval(self, split: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        local = self._eval.pop(split, None)
+        if local is None or trainer.sanity_checking:
+            return
+        counts = distributed.all_reduce_sum(torch.tensor([local.seen, local.skipped], dtype=torch.long, device=pl_module.device))
+        total = BadSampleTracker(max_reasons=self.tracker.max_reasons)
+        reasons = [r for rank_reasons in distributed.all_gather_object(local.reasons) for r in rank_reasons]
+        total.add(seen=int(counts[0]), skipped=int(counts[1]), reasons=reasons)
+        if total.skipped:
+            pl_module.log_dict({f"{split}/data_skipped": float(total.skipped), f"{split}/data_skipped_fraction": total.fraction},
+                               on_step=False, on_epoch=True, sync_dist=False)
+            rank_zero_info(f"{split}: {total.skipped} of {total.seen} samples skipped ({total.fraction:.2%}). "
+                           "First reasons:\n  " + "\n  ".join(total.reasons))
+        total.check(self._limit(trainer), self.min_samples, what=f"{split} samples", whole_split=True)
+
     def _sync(self, pl_module: L.LightningModule) -> None:
         counts = torch.tensor([self._local.seen, self._local.skipped], dtype=torch.long, device=pl_module.device)
         counts = distributed.all_reduce_sum(counts).tolist()
@@ -87,7 +128,9 @@ class BadSampleCallback(Callback):
         self._local.reset()
 
     def _check(self, trainer: L.Trainer) -> None:
-        limit = self.max_bad_fraction
-        if limit is None:
-            limit = getattr(trainer.datamodule, "max_bad_fraction", 0.05) if trainer.datamodule is not None else 0.05
-        self.tracker.check(limit, self.min_samples)
+        self.tracker.check(self._limit(trainer), self.min_samples)
+
+    def _limit(self, trainer: L.Trainer) -> float:
+        if self.max_bad_fraction is not None:
+            return self.max_bad_fraction
+        return getattr(trainer.datamodule, "max_bad_fraction", 0.05) if trainer.datamodule is not None else 0.05

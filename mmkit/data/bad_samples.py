@@ -46,14 +46,17 @@ class BadSampleTracker:
     def fraction(self) -> float:
         return self.skipped / self.seen if self.seen else 0.0
 
-    def check(self, max_bad_fraction: float, min_samples: int = 100) -> None:
+    def check(self, max_bad_fraction: float, min_samples: int = 100, what: str = "samples", whole_split: bool = False) -> None:
         """Raise BadDataError if more than ``max_bad_fraction`` of at least ``min_samples`` seen
-        samples were skipped (the minimum avoids failing on a noisy first batch)."""
-        if self.seen < min_samples or self.fraction <= max_bad_fraction:
+        samples were skipped (the minimum avoids failing on a noisy first batch). ``whole_split``:
+        the counts cover a whole evaluation split, which also fails when every sample was skipped,
+        however few (its metrics would come from nothing)."""
+        everything = whole_split and self.seen > 0 and self.skipped == self.seen
+        if not everything and (self.seen < min_samples or self.fraction <= max_bad_fraction):
             return
         first = "\n  ".join(self.reasons) or "(no reasons recorded)"
         raise BadDataError(
-            f"{self.fraction:.1%} of samples were skipped as bad data, above the limit of {max_bad_fraction:.1%} "
-            f"({self.skipped} of {self.seen} samples). First reasons:\n  {first}\n"
+            f"{self.fraction:.1%} of {what} were skipped as bad data, above the limit of {max_bad_fraction:.1%} "
+            f"({self.skipped} of {self.seen} {what}). First reasons:\n  {first}\n"
             "Fix the data or paths, or raise max_bad_fraction."
         )
