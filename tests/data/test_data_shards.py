@@ -175,3 +175,22 @@ def test_class_names_for_cls_labels_from_a_list_or_a_classnames_file(tmp_path):
     assert WebDatasetShards(shards[0]).class_names is None
     with pytest.raises(FileNotFoundError, match="class_names='nope.txt' is neither a list nor a file"):
         WebDatasetShards(shards[0], class_names="nope.txt")
+
+
+@pytest.mark.parametrize("writer", [write_shard_tarfile, write_shard_webdataset])
+def test_shard_cut_at_a_block_boundary_is_counted(tmp_path, writer):
+    """tarfile stops silently when a file ends exactly between two 512-byte blocks: the shard
+    would look shorter. A missing end-of-archive marker is reported as a bad item instead."""
+    whole = tmp_path / "whole.tar"
+    writer(whole, shard_samples(0, 4))
+    with tarfile.open(whole) as t:
+        cut_at = min(m.offset for m in t.getmembers() if m.name.startswith("0000002."))  # the third sample's first header
+    assert cut_at % 512 == 0
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut_at])
+    items = list(WebDatasetShards(str(tmp_path / "cut.tar"), shuffle_shards=False))
+    good = [s["index"] for s in items if not isinstance(s, BadSample)]
+    bad = [s.reason for s in items if isinstance(s, BadSample)]
+    assert good == [0, 1]
+    assert len(bad) == 1 and "cut.tar: ends after sample '0000001' (#1) without tar's end-of-archive blocks" in bad[0]
+    # An intact shard reports nothing.
+    assert not [s for s in WebDatasetShards(str(whole), shuffle_shards=False) if isinstance(s, BadSample)]

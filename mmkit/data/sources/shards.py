@@ -249,8 +249,12 @@ class WebDatasetShards(IterableDataset):
                         position, parts = position + 1, {}
                     key = m.group(1)
                     parts[m.group(2).lower()] = tar.extractfile(member).read()
+                end, uncompressed = tar.offset, getattr(tar.fileobj, "comptype", None) == "tar"
             if key is not None:
                 yield self._raw(path, number, position, key, parts)
+            if uncompressed and not _has_end_of_archive(path, end):
+                yield BadSample(f"{path}: ends after sample {key!r} (#{position}) without tar's end-of-archive "
+                                "blocks: the shard is truncated and the samples after that point are lost")
         except (tarfile.TarError, OSError, EOFError) as e:
             what = f"sample {key!r} (#{position})" if key is not None else "shard"
             yield BadSample(f"{path} {what}: cannot be read, rest of shard skipped ({type(e).__name__}: {e})")
@@ -285,6 +289,18 @@ def _class_names(names: list[str] | str | None) -> list[str] | None:
         raise FileNotFoundError(f"WebDatasetShards: class_names={names!r} is neither a list nor a file")
     with open(names, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def _has_end_of_archive(path: str, offset: int) -> bool:
+    """Whether an uncompressed tar has its end-of-archive marker (a zero block) where reading
+    stopped. tarfile ends iteration silently when a file is cut at a 512-byte boundary, so without
+    this check a truncated shard would just look shorter. Only local files are checked."""
+    if not os.path.isfile(path):
+        return True
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
 
 
 def _expand(pattern: str) -> list[str]:
