@@ -76,8 +76,10 @@ def _pip_installs_of_project(commands: list[str]) -> list[list[str]]:
 
 def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S)
-    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    # Fences pair up in order (a ```python block's closing fence must not open a shell block).
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+    shell = [block for lang, block in blocks if lang in ("", "bash", "sh", "console")]
+    return [line for block in shell for line in block.replace("\\\n", " ").splitlines()]
 
 
 def _dockerfile_runs(path: Path) -> list[str]:
