@@ -17,6 +17,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
+# Bounds on what one sample may cost before it is skipped (and counted, with its reason).
+# A caption is cut to the model's context length by the tokenizer anyway; tokenizing a
+# 60,000-letter "word" first takes seconds. CLIP-style towers see images through a resize of
+# the short side: a 1×300,000-pixel strip (a 1 kB PNG) would become a 32×9.6M-pixel tensor.
+MAX_CAPTION_CHARS = 10_000
+MAX_ASPECT_RATIO = 20.0
+
+
 @dataclass(frozen=True)
 class BadSample:
     """A sample that could not be built. ``reason`` names the file, the row/key and the problem."""
@@ -50,6 +58,10 @@ def decode_image(source: str | os.PathLike | bytes, name: str) -> Image.Image | 
             # hundreds of MB per worker to decode just to be resized, so it is skipped as well.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
+                w, h = img.size  # from the header: nothing decoded yet
+                if min(w, h) == 0 or max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                    return (f"image {name!r} is {w}×{h} pixels, an aspect ratio above {MAX_ASPECT_RATIO:g}:1 "
+                            "(resizing its short side to the model's size would make it huge)")
                 return to_rgb(img)  # forces the full decode
     except UnidentifiedImageError:
         return f"image {name!r} cannot be decoded (UnidentifiedImageError)"
@@ -74,6 +86,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL's recommended route for palette transparency (no warning)
     return img.convert("RGB")
+
+
+def caption_too_long(caption: str) -> str | None:
+    """Why ``caption`` is skipped for its length, or None."""
+    if len(caption) > MAX_CAPTION_CHARS:
+        return f"caption of {len(caption):,} characters, above the limit of {MAX_CAPTION_CHARS:,}"
+    return None
 
 
 def clean_caption(caption: Any) -> str | None:

@@ -198,3 +198,39 @@ def test_fit_on_fuzzed_data_finishes_and_reports_counts(tmp_path, preprocessing,
     assert f"{n_bad} of {n_good + n_bad} samples skipped" in reports[0]
     assert f"{2 * n_bad} of {2 * (n_good + n_bad)} samples skipped" in reports[-1]
     assert f"{path} row" in reports[0]
+
+
+def test_costly_samples_are_skipped_before_they_cost(tmp_path, monkeypatch):
+    """Bounds before the expensive step, each skip naming file and row: a caption past
+    MAX_CAPTION_CHARS (before tokenizing; a CSV cell over csv's 128 KiB field limit too), an image
+    whose aspect ratio would explode its resize, a tar member over MAX_MEMBER_BYTES (not read)."""
+    import csv
+    import io
+    import tarfile
+
+    from mmkit.data import ManifestDataset, WebDatasetShards
+    from mmkit.data.sources import shards as shards_module
+
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "ok.png")
+    Image.new("L", (1, 30_000)).save(tmp_path / "strip.png")
+    rows = [{"image": "ok.png", "caption": "fine"}, {"image": "ok.png", "caption": "x" * 200_000},
+            {"image": "strip.png", "caption": "a strip"}]
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    ds = ManifestDataset(str(tmp_path / "m.csv"))  # used to fail here: "field larger than field limit"
+    assert ds[0]["caption"] == "fine"
+    assert isinstance(ds[1], BadSample) and "row 1 (line 3): caption of 200,000 characters, above the limit of 10,000" in ds[1].reason
+    assert isinstance(ds[2], BadSample) and "'strip.png' is 1×30000 pixels, an aspect ratio above 20:1" in ds[2].reason
+
+    monkeypatch.setattr(shards_module, "MAX_MEMBER_BYTES", 1000)
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, format="PNG", compress_level=0)
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in (("a.png", buf.getvalue()), ("a.txt", b"big image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (item,) = list(WebDatasetShards(str(tmp_path / "s.tar")))
+    assert isinstance(item, BadSample) and f"a.png is {len(buf.getvalue()):,} bytes, above the limit of 1,000; not read" in item.reason

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from mmkit.data.sample import BadSample, clean_caption, decode_image, make_sample
+from mmkit.data.sample import BadSample, caption_too_long, clean_caption, decode_image, make_sample
 from mmkit.data.sources._columns import require_columns
 
 
@@ -87,6 +87,8 @@ class HFImageTextDataset(Dataset):
         caption = clean_caption(caption)
         if caption is None:
             return BadSample(f"{where}: empty or missing caption")
+        if too_long := caption_too_long(caption):
+            return BadSample(f"{where}: {too_long}")
         image = self._decode(record[self.image_column])
         if isinstance(image, str):
             return BadSample(f"{where}: {image}")

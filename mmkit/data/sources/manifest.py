@@ -9,7 +9,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from mmkit.data.sample import BadSample, clean_caption, decode_image, make_sample
+from mmkit.data.sample import BadSample, caption_too_long, clean_caption, decode_image, make_sample
 from mmkit.data.sources._columns import require_columns
 
 _DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
@@ -84,6 +84,8 @@ class ManifestDataset(Dataset):
         caption = clean_caption(self._captions[index])
         if caption is None:
             return BadSample(f"{where}: empty or missing caption")
+        if too_long := caption_too_long(caption):
+            return BadSample(f"{where}: {too_long}")
         rel = self._images[index]
         if not isinstance(rel, str) or not rel.strip():
             return BadSample(f"{where}: empty or missing image path")
@@ -119,6 +121,9 @@ class ManifestDataset(Dataset):
                     records.append((line_no, rec))
             return list(columns), records
         if ext in _DELIMITERS:
+            # csv's default field limit (128 KiB) fails the whole file at the first long cell;
+            # read every row and let the sample's own checks skip and name it.
+            csv.field_size_limit(2**31 - 1)
             with open(path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f, delimiter=_DELIMITERS[ext])
                 header = list(reader.fieldnames or [])

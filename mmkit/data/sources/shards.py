@@ -17,6 +17,7 @@ import os
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,10 +25,13 @@ from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmkit import distributed
-from mmkit.data.sample import BadSample, clean_caption, decode_image, make_sample
+from mmkit.data.sample import BadSample, caption_too_long, clean_caption, decode_image, make_sample
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # same split rule as webdataset's base_plus_ext
 _MAX_EMPTY_DRAWS = 1000  # resampling shards that hold no samples would otherwise spin forever
+# A member larger than this is not read into memory: its sample is skipped and counted (a 300 MiB
+# "image" would otherwise be read whole by every worker that meets it, before being rejected).
+MAX_MEMBER_BYTES = 64 * 2**20
 
 
 class WebDatasetShards(IterableDataset):
@@ -248,7 +252,9 @@ class WebDatasetShards(IterableDataset):
                         yield self._raw(path, number, position, key, parts)
                         position, parts = position + 1, {}
                     key = m.group(1)
-                    parts[m.group(2).lower()] = tar.extractfile(member).read()
+                    # An oversized member is passed over unread (the stream skips it in blocks).
+                    parts[m.group(2).lower()] = (tar.extractfile(member).read() if member.size <= MAX_MEMBER_BYTES
+                                                 else _Unread(member.size))
                 end, uncompressed = tar.offset, getattr(tar.fileobj, "comptype", None) == "tar"
             if key is not None:
                 yield self._raw(path, number, position, key, parts)
@@ -265,6 +271,10 @@ class WebDatasetShards(IterableDataset):
         return f"{path} sample {key!r} (#{position})", number * self.index_stride + position, key, parts
 
     def _decode(self, where: str, index: int, key: str, parts: dict[str, bytes]) -> dict[str, Any] | BadSample:
+        unread = {ext: v.size for ext, v in parts.items() if isinstance(v, _Unread)}
+        if unread:
+            sizes = ", ".join(f"{key}.{ext} is {size:,} bytes" for ext, size in unread.items())
+            return BadSample(f"{where}: {sizes}, above the limit of {MAX_MEMBER_BYTES:,}; not read")
         ext = next((e for e in self.image_exts if e in parts), None)
         if ext is None:
             return BadSample(f"{where}: no image member (has {', '.join(sorted(parts))})")
@@ -276,6 +286,8 @@ class WebDatasetShards(IterableDataset):
             return BadSample(f"{where}: caption is not valid UTF-8")
         if caption is None:
             return BadSample(f"{where}: empty caption")
+        if too_long := caption_too_long(caption):
+            return BadSample(f"{where}: {too_long}")
         image = decode_image(parts[ext], f"{key}.{ext}")
         if isinstance(image, str):
             return BadSample(f"{where}: {image}")
@@ -289,6 +301,13 @@ def _class_names(names: list[str] | str | None) -> list[str] | None:
         raise FileNotFoundError(f"WebDatasetShards: class_names={names!r} is neither a list nor a file")
     with open(names, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """A member too large to read; its sample is skipped."""
+
+    size: int
 
 
 def _has_end_of_archive(path: str, offset: int) -> bool:
