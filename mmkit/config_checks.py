@@ -45,7 +45,7 @@ class Range:
             return False
         if self.integer and not isinstance(value, numbers.Integral):
             return False
-        if not math.isfinite(value):
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
             return False
         return not (
             (self.gt is not None and not value > self.gt)
@@ -97,7 +97,7 @@ class Range:
         if value is None:
             return self.none is not None
         if any(_same(value, special) for special, _ in self.also):
-            return True
+            return not self.integer or isinstance(value, numbers.Integral)
         if self.length is not None or self.each:
             if not _is_sequence(value) or (self.length is not None and len(value) != self.length):
                 return False

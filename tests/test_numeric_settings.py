@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mmkit.callbacks import BadSampleCallback, RunReport, StepCheckpoint, Throughput
-from mmkit.config_checks import ranges_of
+from mmkit.config_checks import Range, check_range, ranges_of
 from mmkit.data import (
     HFImageTextDataset, ImageTextDataModule, ManifestDataset, SyntheticShapes, TaskStreamDataModule, WebDatasetShards,
 )
@@ -273,6 +273,23 @@ def test_eval_batch_size_zero_is_not_replaced():
     assert ImageTextDataModule(batch_size=8, eval_batch_size=None).eval_batch_size == 8
     with pytest.raises(ValueError, match="eval_batch_size"):
         ImageTextDataModule(batch_size=8, eval_batch_size=0)
+
+
+def test_check_range_types_and_special_values():
+    import numpy as np
+
+    check_range("X", "n", np.int64(3), Range(ge=1, integer=True))  # numpy scalars are numbers
+    check_range("X", "n", -1, Range(ge=1, integer=True, also=((-1, "keep all"),)))
+    check_range("X", "n", 10**400, Range(ge=1, integer=True))
+    for value, message in [
+        (-1.0, "X: n must be an integer >= 1 or -1 (keep all), got -1.0"),
+        (True, "X: n must be an integer >= 1 or -1 (keep all), got True"),
+        ("3", "X: n must be an integer >= 1 or -1 (keep all), got '3'"),
+        (np.float64(0.5), "X: n must be an integer >= 1 or -1 (keep all), got 0.5"),
+        (None, "X: n must be >= 1 or -1 (keep all), got None"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            check_range("X", "n", value, Range(ge=1, integer=True, also=((-1, "keep all"),)))
 
 
 def _numeric(annotation) -> bool:
