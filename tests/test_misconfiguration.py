@@ -57,6 +57,28 @@ def test_bad_model_setting_fails_before_training(tmp_path, overrides, error, mes
     assert _nothing_trained(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.init_args.grad_clip_norm=-1", r"CLIPPretrain: grad_clip_norm must be > 0 or null \(no clipping\), got -1"),
+        ("--model.init_args.warmup_steps=-10", r"CLIPPretrain: warmup_steps must be >= 0, got -10"),
+        ("--model.init_args.accumulate_chunks=0", r"CLIPPretrain: accumulate_chunks must be >= 1, got 0"),
+        ("--model.init_args.model.init_args.image_size=0", r"OpenCLIP: image_size must be >= 1 or null \(the architecture's\), got 0"),
+        ("--model.init_args.model.init_args.image_size=-32", r"OpenCLIP: image_size must be >= 1 or null .*, got -32"),
+        ("--model.init_args.model.init_args.init_temperature=-0.07", r"OpenCLIP: init_temperature must be > 0, got -0.07"),
+        ("--data.init_args.eval_batch_size=0", r"ImageTextDataModule: eval_batch_size must be >= 1 or null \(batch_size\), got 0"),
+        ("--data.init_args.max_bad_fraction=-1", r"ImageTextDataModule: max_bad_fraction must be in \[0, 1\], got -1"),
+        ("--bad_samples.max_bad_fraction=-1", r"BadSampleCallback: max_bad_fraction must be in \[0, 1\] or null .*, got -1"),
+    ],
+    ids=lambda v: v.split(".")[-1] if v.startswith("--") else None,
+)
+def test_out_of_range_number_fails_before_training(tmp_path, override, message):
+    # Each of these used to train (wrongly, or to fail only after training) with exit status 0.
+    with pytest.raises(ValueError, match=message):
+        _fit(tmp_path, override)
+    assert _nothing_trained(tmp_path)
+
+
 def test_missing_manifest_names_the_path(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match=r"ManifestDataset: path='/no/such/pairs.csv' does not exist"):
         _fit(tmp_path, "--data.init_args.train=mmkit.data.ManifestDataset", "--data.init_args.train.init_args.path=/no/such/pairs.csv")

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmkit import distributed
+from mmkit.config_checks import Range, check_settings
 from mmkit.data.bad_samples import BadSampleTracker
 
 
@@ -32,6 +33,13 @@ class BadSampleCallback(Callback):
         num_reasons: Skip reasons kept and printed.
     """
 
+    setting_ranges = {
+        "max_bad_fraction": Range(ge=0, le=1, none="the data module's"),
+        "min_samples": Range(ge=0, integer=True),
+        "check_every_n_steps": Range(ge=1, integer=True),
+        "num_reasons": Range(ge=0, integer=True),
+    }
+
     def __init__(
         self,
         max_bad_fraction: float | None = None,
@@ -39,6 +47,7 @@ class BadSampleCallback(Callback):
         check_every_n_steps: int = 50,
         num_reasons: int = 5,
     ) -> None:
+        check_settings(self, locals(), BadSampleCallback.setting_ranges)
         self.max_bad_fraction = max_bad_fraction
         self.min_samples = min_samples
         self.check_every_n_steps = check_every_n_steps

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmkit import distributed as D
 from mmkit.checkpoint_io import TEMP_SUFFIX, AtomicCheckpointIO, atomic_symlink
+from mmkit.config_checks import Range, check_settings
 
 _NAME = re.compile(r"^epoch=(\d+)-step=(\d+)\.ckpt$")
 
@@ -62,6 +63,11 @@ class StepCheckpoint(Checkpoint):
         save_on_preemption: Save and exit on SIGTERM / SIGUSR1 (see above).
     """
 
+    setting_ranges = {
+        "every_n_train_steps": Range(ge=0, integer=True),
+        "keep_last": Range(ge=1, integer=True, also=((-1, "keep all"),)),
+    }
+
     def __init__(
         self,
         dirpath: str | None = None,
@@ -71,12 +77,8 @@ class StepCheckpoint(Checkpoint):
         save_last: bool = True,
         save_on_preemption: bool = True,
     ) -> None:
+        check_settings(self, locals(), StepCheckpoint.setting_ranges)
         super().__init__()
-        if every_n_train_steps < 0 or keep_last == 0 or keep_last < -1:
-            raise ValueError(
-                f"StepCheckpoint: every_n_train_steps must be >= 0 and keep_last >= 1 or -1, "
-                f"got {every_n_train_steps} and {keep_last}"
-            )
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.keep_last = keep_last

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from mmkit.config_checks import Range, check_settings
 from mmkit.run_folder import run_folder
 
 # {x-axis name: {metric key: [(x, value), ...]}}, e.g. {"step": {...}, "epoch": {...}}
@@ -145,6 +146,8 @@ class RunReport(L.Callback):
         every_n_steps: record training keys every n optimizer steps (reading a GPU scalar syncs).
     """
 
+    setting_ranges = {"every_n_steps": Range(ge=1, integer=True)}
+
     def __init__(
         self,
         train_prefixes: Sequence[str] = ("train/",),
@@ -152,10 +155,11 @@ class RunReport(L.Callback):
         folder: str = "report",
         every_n_steps: int = 1,
     ) -> None:
+        check_settings(self, locals(), RunReport.setting_ranges)
         self.train_prefixes = tuple(train_prefixes)
         self.val_prefixes = tuple(val_prefixes)
         self.folder = folder
-        self.every_n_steps = max(1, every_n_steps)
+        self.every_n_steps = every_n_steps
         self.history: History = {"step": {}, "epoch": {}}
         self._batches_in_epoch = 0
 

@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from torch import Tensor
 
+from mmkit.config_checks import Range, check_settings
+
 
 def batch_size_of(batch: Any) -> int:
     """Rows in a batch: ``batch["images"]`` for mmkit's dict batches, else the first tensor found."""
@@ -39,9 +41,10 @@ class Throughput(L.Callback):
         prog_bar: also show samples/s in the progress bar.
     """
 
+    setting_ranges = {"window": Range(ge=1, integer=True), "warmup": Range(ge=0, integer=True)}
+
     def __init__(self, window: int = 20, warmup: int = 3, prog_bar: bool = False) -> None:
-        if window < 1 or warmup < 0:
-            raise ValueError("window must be ≥ 1 and warmup ≥ 0")
+        check_settings(self, locals(), Throughput.setting_ranges)
         self.window = window
         self.warmup = warmup
         self.prog_bar = prog_bar

@@ -9,6 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mmkit import distributed
+from mmkit.config_checks import Range, check_settings
 from mmkit.data.collate import ImageTextCollate
 from mmkit.data.loaders import build_loader
 from mmkit.data.preprocessing import Preprocessing
@@ -44,6 +45,14 @@ class ImageTextDataModule(L.LightningDataModule):
         train_augment: Use the model's training transform (augmentation) for the train source.
     """
 
+    setting_ranges = {
+        "batch_size": Range(ge=1, integer=True),
+        "eval_batch_size": Range(ge=1, integer=True, none="batch_size"),
+        "num_workers": Range(ge=0, integer=True),
+        "seed": Range(ge=0, integer=True),  # numpy's SeedSequence takes non-negative seeds only
+        "max_bad_fraction": Range(ge=0, le=1),
+    }
+
     def __init__(
         self,
         train: Dataset | None = None,
@@ -61,10 +70,11 @@ class ImageTextDataModule(L.LightningDataModule):
         preprocessing: Any = None,
         train_augment: bool = True,
     ) -> None:
+        check_settings(self, locals(), ImageTextDataModule.setting_ranges)
         super().__init__()
         self.train, self.val, self.test, self.predict = train, val, test, predict
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers

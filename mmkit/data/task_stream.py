@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
 
+from mmkit.config_checks import Range, check_settings
 from mmkit.data.collate import ImageTextCollate
 from mmkit.data.datamodule import ImageTextDataModule
 from mmkit.data.loaders import build_loader
@@ -78,6 +79,12 @@ class TaskStreamDataModule(ImageTextDataModule):
         **kwargs: ``ImageTextDataModule`` settings (batch_size, num_workers, seed, preprocessing, ...).
     """
 
+    setting_ranges = {
+        "num_tasks": Range(ge=1, integer=True, none="one task per value"),
+        "val_fraction": Range(ge=0, lt=1),
+        "epochs_per_task": Range(ge=1, integer=True),
+    }
+
     def __init__(
         self,
         train: Dataset | None = None,
@@ -94,6 +101,7 @@ class TaskStreamDataModule(ImageTextDataModule):
         epochs_per_task: int = 1,
         **kwargs: Any,
     ) -> None:
+        check_settings(self, locals(), TaskStreamDataModule.setting_ranges)
         super().__init__(train=None, val=None, test=test, predict=predict, **kwargs)
         if (train is None) == (train_tasks is None):
             raise ValueError("TaskStreamDataModule: give either `train` (split by `split_by`) or `train_tasks`")
@@ -101,9 +109,6 @@ class TaskStreamDataModule(ImageTextDataModule):
             raise ValueError("TaskStreamDataModule: `val_tasks` needs `train_tasks` and one source per task")
         if val is not None and train is None:
             raise ValueError("TaskStreamDataModule: `val` is split like `train`; with `train_tasks` use `val_tasks`")
-        if epochs_per_task < 1 or not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"TaskStreamDataModule: need epochs_per_task >= 1 and 0 <= val_fraction < 1, "
-                             f"got {epochs_per_task}, {val_fraction}")
         self.stream_train, self.stream_val = train, val
         self.train_tasks, self.val_tasks = train_tasks, val_tasks
         self.split_by = split_by

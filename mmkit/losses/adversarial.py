@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkit import distributed
+from mmkit.config_checks import Range, check_settings
 
 OBJECTIVES = ("bce", "wgan-gp", "hinge")
 
@@ -137,7 +138,10 @@ class AdversarialLoss(nn.Module):
             hinge discriminators).
     """
 
+    setting_ranges = {"gp_weight": Range(ge=0, none="10 for wgan-gp, off otherwise")}
+
     def __init__(self, objective: str = "bce", gp_weight: float | None = None) -> None:
+        check_settings(self, locals(), AdversarialLoss.setting_ranges)
         super().__init__()
         _check(objective)
         self.objective = objective

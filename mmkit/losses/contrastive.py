@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkit import distributed as D
+from mmkit.config_checks import Range, check_settings
 
 
 def _pair_logits(
@@ -41,6 +42,11 @@ class ClipLoss(nn.Module):
             materialising the B×B similarity matrix (exact; see ``tiled_contrastive``).
     """
 
+    setting_ranges = {
+        "label_smoothing": Range(ge=0, le=1),
+        "tile_size": Range(ge=1, integer=True, none="no tiling"),
+    }
+
     def __init__(
         self,
         local_loss: bool = False,
@@ -48,6 +54,7 @@ class ClipLoss(nn.Module):
         label_smoothing: float = 0.0,
         tile_size: int | None = None,
     ) -> None:
+        check_settings(self, locals(), ClipLoss.setting_ranges)
         super().__init__()
         if tile_size is not None and label_smoothing:
             raise ValueError("ClipLoss: label_smoothing is not supported with tile_size (the tiled loss is exact InfoNCE)")

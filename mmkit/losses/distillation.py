@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkit import distributed as D
+from mmkit.config_checks import Range, check_settings
 from mmkit.losses.contrastive import ClipLoss
 
 
@@ -54,7 +55,13 @@ class SimilarityDistillLoss(nn.Module):
             own (needed for pre-computed embeddings written without one).
     """
 
+    setting_ranges = {
+        "temperature": Range(gt=0),
+        "teacher_logit_scale": Range(gt=0, none="the teacher's own"),
+    }
+
     def __init__(self, temperature: float = 1.0, teacher_logit_scale: float | None = None) -> None:
+        check_settings(self, locals(), SimilarityDistillLoss.setting_ranges)
         super().__init__()
         self.temperature = temperature
         self.teacher_logit_scale = teacher_logit_scale
@@ -176,6 +183,15 @@ class DistillationLoss(nn.Module):
         student_loss: the student's own loss (default ``ClipLoss()``; e.g. ``SigLipLoss``).
     """
 
+    setting_ranges = {
+        "contrastive": Range(ge=0),
+        "similarity": Range(ge=0),
+        "feature": Range(ge=0),
+        "interactive": Range(ge=0),
+        "temperature": Range(gt=0),
+        "teacher_logit_scale": Range(gt=0, none="the teacher's own"),
+    }
+
     def __init__(
         self,
         contrastive: float = 1.0,
@@ -187,9 +203,10 @@ class DistillationLoss(nn.Module):
         teacher_logit_scale: float | None = None,
         student_loss: nn.Module | None = None,
     ) -> None:
+        check_settings(self, locals(), DistillationLoss.setting_ranges)
         super().__init__()
         self.weights = {"contrastive": contrastive, "similarity": similarity, "feature": feature, "interactive": interactive}
-        if any(w < 0 for w in self.weights.values()) or not any(self.weights.values()):
+        if not any(self.weights.values()):
             raise ValueError(f"DistillationLoss: weights must be >= 0 and not all 0, got {self.weights}")
         self.student_loss = student_loss if student_loss is not None else ClipLoss()
         self.similarity = SimilarityDistillLoss(temperature, teacher_logit_scale)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from mmkit import distributed as D
+from mmkit.config_checks import Range, check_settings
 
 Forward = Callable[[Tensor, Any], dict[str, Any]]
 LossFn = Callable[..., dict[str, Tensor]]
@@ -256,11 +257,12 @@ class EWCPenalty:
         gamma: decay of the running Fisher in online mode (1: no decay).
     """
 
+    setting_ranges = {"gamma": Range(ge=0, le=1)}
+
     def __init__(self, mode: Literal["separate", "online"] = "separate", gamma: float = 1.0) -> None:
+        check_settings(self, locals(), EWCPenalty.setting_ranges)
         if mode not in ("separate", "online"):
             raise ValueError(f"mode must be 'separate' or 'online', got {mode!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         self.mode = mode
         self.gamma = gamma
         self.terms: list[dict[str, dict[str, Tensor] | None]] = []  # [{"fisher": ..., "anchor": ...}]

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmkit.config_checks import Range, check_settings
+
 
 class MemoryQueue(nn.Module):
     """The last ``size`` (image embedding, text embedding, image id) rows seen, oldest first.
@@ -25,10 +27,11 @@ class MemoryQueue(nn.Module):
         size: number of rows kept.
     """
 
+    setting_ranges = {"size": Range(ge=1, integer=True)}
+
     def __init__(self, size: int) -> None:
+        check_settings(self, locals(), MemoryQueue.setting_ranges)
         super().__init__()
-        if size <= 0:
-            raise ValueError(f"MemoryQueue size must be positive, got {size}")
         self.size = size
         self.register_buffer("image", torch.zeros(0, 0))
         self.register_buffer("text", torch.zeros(0, 0))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkit import distributed as D
+from mmkit.config_checks import Range, check_settings
 from mmkit.losses.memory_queue import MemoryQueue
 from mmkit.losses.negative_mining import NegativeStrategy, random_keys, select_negatives
 
@@ -71,6 +72,15 @@ class RankingLoss(nn.Module):
 
     uses_logit_scale = False  # the temperature plays no part in a hinge loss
 
+    setting_ranges = {
+        "margin": Range(ge=0),
+        "num_negatives": Range(ge=1, integer=True),
+        "sum_warmup_steps": Range(ge=0, integer=True),
+        "memory_size": Range(ge=0, integer=True),
+        "weight": Range(ge=0),
+        "seed": Range(integer=True),  # hashed: any integer works
+    }
+
     def __init__(
         self,
         margin: float = 0.2,
@@ -86,6 +96,7 @@ class RankingLoss(nn.Module):
         gather: bool = True,
         name: str = "ranking",
     ) -> None:
+        check_settings(self, locals(), RankingLoss.setting_ranges)
         super().__init__()
         if distance not in ("cosine", "euclidean"):
             raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
@@ -95,8 +106,6 @@ class RankingLoss(nn.Module):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         if directions not in ("both", "image_to_text", "text_to_image"):
             raise ValueError(f"unknown directions {directions!r}")
-        if num_negatives < 1:
-            raise ValueError("num_negatives must be at least 1")
         self.margin = margin
         self.distance = distance
         self.negatives = negatives

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 
+from mmkit.config_checks import Range, check_settings
 from mmkit.models.dual_encoder import DualEncoder
 from mmkit.data.preprocessing import Preprocessing
 from mmkit.models.preprocessing import HFPreprocessing, OpenCLIPPreprocessing
@@ -28,6 +29,13 @@ class ModelSpec:
         init_logit_bias: add a learnable logit bias initialised to this (SigLIP: -10); None for CLIP.
     """
 
+    setting_ranges = {
+        "image_unlocked_layers": Range(ge=0, integer=True),
+        "text_unlocked_layers": Range(ge=0, integer=True),
+        "init_temperature": Range(gt=0),  # the model starts at log(1 / init_temperature)
+        "init_logit_bias": Range(none="no logit bias"),
+    }
+
     def __init__(
         self,
         lock_image: bool = False,
@@ -38,6 +46,7 @@ class ModelSpec:
         init_temperature: float = 0.07,
         init_logit_bias: float | None = None,
     ) -> None:
+        check_settings(self, locals(), ModelSpec.setting_ranges)
         self.lock_image = lock_image
         self.image_unlocked_layers = image_unlocked_layers
         self.lock_text = lock_text
@@ -77,6 +86,8 @@ class OpenCLIP(ModelSpec):
             resized crops with scale 0.9–1.0). Evaluation transforms never augment.
     """
 
+    setting_ranges = {"image_size": Range(ge=1, integer=True, none="the architecture's")}
+
     def __init__(
         self,
         arch: str = "mmkit-tiny",
@@ -86,6 +97,7 @@ class OpenCLIP(ModelSpec):
         augment: dict | None = None,
         **common,
     ) -> None:
+        check_settings(self, locals(), OpenCLIP.setting_ranges)
         super().__init__(**common)
         self.arch = arch
         self.pretrained = pretrained
@@ -179,6 +191,12 @@ class HFTowers(ModelSpec):
         text_pooling: ``mean`` over tokens (sentence encoders) or ``cls``.
     """
 
+    setting_ranges = {
+        "embed_dim": Range(ge=1, integer=True),
+        "context_length": Range(ge=1, integer=True),
+        "image_size": Range(ge=1, integer=True, none="the vision model's"),
+    }
+
     def __init__(
         self,
         vision_model: str,
@@ -190,6 +208,7 @@ class HFTowers(ModelSpec):
         text_pooling: str = "mean",
         **common,
     ) -> None:
+        check_settings(self, locals(), HFTowers.setting_ranges)
         super().__init__(**common)
         self.vision_model = vision_model
         self.text_model = text_model

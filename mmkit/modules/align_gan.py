@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from mmkit import distributed
+from mmkit.config_checks import Range, check_settings
 from mmkit.losses.adversarial import AdversarialLoss, discriminator_accuracy, discriminator_auc
 from mmkit.losses.contrastive import ClipLoss
 from mmkit.metrics.modality_gap import ModalityGap
@@ -91,6 +92,21 @@ class AlignGAN(DualEncoderModule):
             the encoders' AdamW).
     """
 
+    setting_ranges = {
+        "adv_weight": Range(ge=0),
+        "align_weight": Range(ge=0),
+        "n_critic": Range(ge=1, integer=True),
+        "gp_weight": Range(ge=0, none="10 for wgan-gp, off otherwise"),
+        "d_hidden_dim": Range(ge=1, integer=True),
+        "d_depth": Range(ge=0, integer=True),
+        "d_dropout": Range(ge=0, lt=1),
+        "d_lr": Range(gt=0),
+        "d_betas": Range(ge=0, lt=1, length=2),
+        "d_weight_decay": Range(ge=0),
+        "d_grad_clip_norm": Range(gt=0, none="no clipping"),
+        "grl_gamma": Range(gt=0),
+    }
+
     def __init__(
         self,
         model: ModelSpec,
@@ -113,13 +129,12 @@ class AlignGAN(DualEncoderModule):
         grl_gamma: float = 10.0,
         **kwargs,
     ) -> None:
+        check_settings(self, locals(), AlignGAN.setting_ranges)
         super().__init__(model, **kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if grl_schedule not in SCHEDULES:
             raise ValueError(f"grl_schedule must be one of {SCHEDULES}, got {grl_schedule!r}")
-        if n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
         if mode == "gradient_reversal" and self.accumulate_chunks > 1:
             raise ValueError("accumulate_chunks > 1 needs mode: alternating (the chunked backward only reaches the features)")
         self.loss = loss if loss is not None else ClipLoss()

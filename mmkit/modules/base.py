@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mmkit import distributed as D
+from mmkit.config_checks import Range, check_settings
 from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
@@ -63,6 +64,20 @@ class DualEncoderModule(L.LightningModule):
             ``<log_dir>/export``); an empty string disables the export.
     """
 
+    # Valid values of the numeric settings, checked at construction (mmkit.config_checks).
+    setting_ranges = {
+        "lr": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "betas": Range(ge=0, lt=1, length=2),
+        "eps": Range(gt=0),
+        "warmup_steps": Range(ge=0, integer=True),
+        "min_lr_ratio": Range(ge=0, le=1),
+        "grad_clip_norm": Range(gt=0, none="no clipping"),
+        "accumulate_chunks": Range(ge=1, integer=True),
+        "max_logit_scale": Range(gt=0),
+        "max_consecutive_nonfinite": Range(ge=1, integer=True),
+    }
+
     def __init__(
         self,
         model: ModelSpec,
@@ -80,6 +95,7 @@ class DualEncoderModule(L.LightningModule):
         zero_shot_templates: list[str] | None = None,
         export_dir: str | None = None,
     ) -> None:
+        check_settings(self, locals(), DualEncoderModule.setting_ranges)
         super().__init__()
         self.automatic_optimization = False
         self.spec = model

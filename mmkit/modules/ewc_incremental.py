@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from mmkit import distributed as D
 from mmkit.callbacks.continual_report import write_continual_report
+from mmkit.config_checks import Range, check_settings
 from mmkit.losses.contrastive import ClipLoss
 from mmkit.losses.ewc import (
     EWCPenalty,
@@ -103,6 +104,13 @@ class EWCIncremental(DualEncoderModule):
         **kwargs: optimisation and evaluation settings of ``DualEncoderModule``.
     """
 
+    setting_ranges = {
+        "ewc_lambda": Range(ge=0),
+        "gamma": Range(ge=0, le=1),
+        "fisher_samples": Range(ge=1, integer=True),
+        "fisher_batch_size": Range(ge=1, integer=True),
+    }
+
     def __init__(
         self,
         model: ModelSpec,
@@ -120,13 +128,12 @@ class EWCIncremental(DualEncoderModule):
         report_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
+        check_settings(self, locals(), EWCIncremental.setting_ranges)
         super().__init__(model, **kwargs)
         if importance not in ("fisher", "uniform"):
             raise ValueError(f"importance must be 'fisher' or 'uniform', got {importance!r}")
         if fisher_estimator not in ("per_sample", "per_batch"):
             raise ValueError(f"fisher_estimator must be 'per_sample' or 'per_batch', got {fisher_estimator!r}")
-        if ewc_lambda < 0 or fisher_samples < 1 or fisher_batch_size < 1:
-            raise ValueError("need ewc_lambda >= 0, fisher_samples >= 1 and fisher_batch_size >= 1")
         self.loss = loss if loss is not None else ClipLoss()
         self.ewc_lambda = ewc_lambda
         self.importance = importance

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmkit import distributed as D
+from mmkit.config_checks import Range, check_settings
 from mmkit.losses.ranking import RankingLoss
 from mmkit.models.spec import ModelSpec
 from mmkit.modules.base import DualEncoderModule
@@ -72,6 +73,12 @@ class MetricAlign(DualEncoderModule):
             ``weight_decay``, ``accumulate_chunks``, ``zero_shot_classes``, ...).
     """
 
+    setting_ranges = {
+        "head_hidden_dim": Range(ge=1, integer=True, none="one linear layer"),
+        "head_dropout": Range(ge=0, lt=1),
+        "embedding_l2": Range(ge=0),
+    }
+
     def __init__(
         self,
         model: ModelSpec,
@@ -83,6 +90,7 @@ class MetricAlign(DualEncoderModule):
         embedding_l2: float = 0.0,
         **kwargs,
     ) -> None:
+        check_settings(self, locals(), MetricAlign.setting_ranges)
         super().__init__(model, **kwargs)
         if not normalize and not projection_head:
             raise ValueError("MetricAlign: normalize=False needs projection_head=True (the towers return unit vectors)")

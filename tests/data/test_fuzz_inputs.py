@@ -58,14 +58,14 @@ BAD_IMAGES = {
     "huge.png": lambda: _png(Image.new("1", (12000, 9000))),
 }
 CAPTIONS_OK = {
-    "very long": "a picture of " + "many " * 5000 + "things",
+    "very long": "a picture of " + "many " * 1900 + "things",  # just under MAX_CAPTION_CHARS
     "chinese": "一只红色的猫坐在窗台上",
     "arabic": "قطة حمراء تجلس على النافذة",
     "emoji": "🐱 on a 🪟 ✨",
     "control chars": "tab\tand\u200bzero width\u0000nul",
     "rtl mixed": "abc \u202e xyz",
 }
-CAPTIONS_BAD = {"empty": "", "whitespace": " \t\n  "}
+CAPTIONS_BAD = {"empty": "", "whitespace": " \t\n  ", "over the length bound": "x" * 60_000}
 
 
 def _fuzz_manifest(folder) -> tuple[str, int, int]:
@@ -128,7 +128,8 @@ def test_fuzzed_manifest_skips_and_counts_every_bad_row(tmp_path, preprocessing)
     reasons = "\n".join(batch["skipped"])
     for name in BAD_IMAGES:
         assert name in reasons
-    assert "does_not_exist.jpg" in reasons and reasons.count("empty or missing caption") == len(CAPTIONS_BAD)
+    assert "does_not_exist.jpg" in reasons and reasons.count("empty or missing caption") == len(CAPTIONS_BAD) - 1
+    assert "caption of 60,000 characters, above the limit of 10,000" in reasons
     assert all(f"{path} row" in r for r in batch["skipped"])  # each names the file and row
 
 

@@ -1,11 +1,15 @@
-"""Every shipped recipe parses against the modules' and data modules' signatures."""
+"""Every shipped recipe parses against the modules' and data modules' signatures, and its
+numeric settings (given or defaulted) are in the ranges their classes check at construction."""
 
+import importlib
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mmkit.callbacks import BadSampleCallback, Throughput
 from mmkit.cli import main
+from mmkit.config_checks import check_range, ranges_of
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 # Overlays are merged after the base recipe their launch line names.
@@ -30,6 +34,50 @@ def test_recipe_parses_and_states_its_launch_command(recipe, capsys):
     assert cfg["data"]["class_path"] in ("mmkit.data.ImageTextDataModule", "mmkit.data.TaskStreamDataModule")
     # Run-time values are linked, never written in a recipe.
     assert "preprocessing" not in cfg["data"]["init_args"]
+    # Without building anything (weights and data files need not exist here).
+    assert check_numeric_settings(cfg) > 10
+
+
+# Callbacks the CLI always adds, configured under their own top-level keys.
+CLI_CALLBACKS = {"throughput": Throughput, "bad_samples": BadSampleCallback}
+
+
+def check_numeric_settings(cfg) -> int:
+    """Check every numeric setting of every mmkit class in a parsed config against the ranges
+    that class checks at construction (``setting_ranges``); returns how many were checked."""
+    checked = 0
+
+    def check(cls: type, init_args: dict) -> None:
+        nonlocal checked
+        for name, spec in ranges_of(cls).items():
+            if name in init_args:
+                check_range(cls.__name__, name, init_args[name], spec)  # raises ValueError
+                checked += 1
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            path = node.get("class_path")
+            if isinstance(path, str) and path.startswith("mmkit."):
+                module, _, name = path.rpartition(".")
+                check(getattr(importlib.import_module(module), name), node.get("init_args") or {})
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(cfg)
+    for key, cls in CLI_CALLBACKS.items():
+        check(cls, cfg.get(key) or {})
+    return checked
+
+
+def test_numeric_settings_check_finds_a_bad_value():
+    cfg = {"model": {"class_path": "mmkit.CLIPPretrain", "init_args": {"grad_clip_norm": -1}}}
+    with pytest.raises(ValueError, match=r"CLIPPretrain: grad_clip_norm must be > 0 or null \(no clipping\), got -1"):
+        check_numeric_settings(cfg)
+    with pytest.raises(ValueError, match=r"BadSampleCallback: max_bad_fraction must be in \[0, 1\]"):
+        check_numeric_settings({"bad_samples": {"max_bad_fraction": -1}})
 
 
 def test_unknown_key_in_recipe_is_rejected(tmp_path, capsys):

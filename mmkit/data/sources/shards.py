@@ -25,6 +25,7 @@ from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmkit import distributed
+from mmkit.config_checks import Range, check_settings
 from mmkit.data.sample import BadSample, caption_too_long, clean_caption, decode_image, make_sample
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # same split rule as webdataset's base_plus_ext
@@ -70,6 +71,14 @@ class WebDatasetShards(IterableDataset):
             per line (open_clip's classnames files). Zero-shot evaluation scores with them.
     """
 
+    setting_ranges = {
+        "weights": Range(ge=0, each=True, none="by shard count"),
+        "samples_per_epoch": Range(ge=1, integer=True, none="one pass over the shards"),
+        "shuffle_buffer": Range(ge=0, integer=True),
+        "seed": Range(ge=0, integer=True),  # numpy's SeedSequence takes non-negative seeds only
+        "index_stride": Range(ge=1, integer=True),
+    }
+
     def __init__(
         self,
         urls: str | list[str],
@@ -84,6 +93,7 @@ class WebDatasetShards(IterableDataset):
         index_stride: int = 1_000_000,
         class_names: list[str] | str | None = None,
     ) -> None:
+        check_settings(self, locals(), WebDatasetShards.setting_ranges)
         sources = [urls] if isinstance(urls, str) else list(urls)
         if not sources:
             raise ValueError("WebDatasetShards: no urls given")

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from mmkit.config_checks import Range, check_settings
 from mmkit.data.sample import make_sample
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
@@ -51,6 +52,13 @@ class SyntheticShapes(Dataset):
             shape's ``"shape"`` or its ``"color"``. Class names are in ``class_names``.
     """
 
+    setting_ranges = {
+        "size": Range(ge=0, integer=True),
+        "seed": Range(ge=0, integer=True),
+        "image_size": Range(ge=16, integer=True),  # smaller shapes are not recognisable
+        "two_shapes_prob": Range(ge=0, le=1),
+    }
+
     def __init__(
         self,
         size: int = 1024,
@@ -59,8 +67,7 @@ class SyntheticShapes(Dataset):
         two_shapes_prob: float = 0.8,
         label_attribute: Literal["shape", "color"] = "shape",
     ) -> None:
-        if size < 0 or image_size < 16:
-            raise ValueError(f"SyntheticShapes: need size >= 0 and image_size >= 16, got {size}, {image_size}")
+        check_settings(self, locals(), SyntheticShapes.setting_ranges)
         if label_attribute not in ("shape", "color"):
             raise ValueError(f"SyntheticShapes: label_attribute must be 'shape' or 'color', got {label_attribute!r}")
         self.size = size
