@@ -21,13 +21,10 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from mmkit.safe_unpickle import CheckpointLoadError, load_error, torch_load  # noqa: F401  (CheckpointLoadError: re-exported)
 from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint
 
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never matched by "*.ckpt"
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint file that cannot be used; the message names the file and why."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -76,38 +73,23 @@ def load_checkpoint(
 
     ``weights_only`` (the default) refuses pickled code: an mmkit checkpoint holds only tensors,
     numbers, strings and containers of them, so anything else is a bug, not a format to support.
+    A file that references anything else is refused as one that carries code, not called corrupt.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
-    except Exception as e:
-        detail = f"{type(e).__name__}: {_reason(str(e))}"
-        if "Unsupported global" in str(e):  # a class weights_only does not allow, not damage
-            raise CheckpointLoadError(
-                f"checkpoint {path} holds objects that weights_only loading refuses ({detail}); "
-                "checkpoints must contain only tensors, numbers, strings and containers of them"
-            ) from e
-        size = path.stat().st_size
-        raise CheckpointLoadError(
-            f"checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be loaded ({detail})"
-        ) from e
+    if weights_only:
+        ckpt = torch_load(path, map_location=map_location, mmap=mmap)
+    else:  # asked for explicitly (Lightning's ``fit(weights_only=False)``)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except Exception as e:
+            raise load_error(path, e) from e
     if not isinstance(ckpt, dict):
         raise CheckpointLoadError(
             f"checkpoint {path} is not a training checkpoint (a {type(ckpt).__name__}, not a dict)"
         )
     return ckpt
-
-
-def _reason(message: str) -> str:
-    # torch's weights_only errors open with generic advice (to load with weights_only=False, even
-    # for a damaged file); the line that says what went wrong comes later.
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported" in line:
-            return line[line.index("Unsupported"):]
-    return lines[0] if lines else "no message"
 
 
 def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
