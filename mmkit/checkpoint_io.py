@@ -1,5 +1,6 @@
 """Checkpoint files that survive a crash: atomic writes, ``weights_only`` loading with errors that
-name the file, and finding the newest checkpoint that is complete.
+name the file, and finding the newest checkpoint that is complete and loads without running code
+(sharded folders: every pickle checked, see ``mmkit.sharded_checkpoint``).
 
 Lightning's own writer serialises to memory and then moves a temporary file from the system's
 temp folder into place; when that folder is on another filesystem (a node-local /tmp, checkpoints
@@ -22,7 +23,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from mmkit.safe_unpickle import CheckpointLoadError, load_error, torch_load  # noqa: F401  (CheckpointLoadError: re-exported)
-from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint
+from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint, verify_sharded_checkpoint
 
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never matched by "*.ckpt"
 
@@ -96,7 +97,7 @@ def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
     """Load ``path`` as training would (weights_only) and check it is a Lightning training
     checkpoint; raise ``CheckpointLoadError`` naming the file otherwise. Memory-maps the tensors,
     so checking a large checkpoint reads little more than its index. A folder must be a finished
-    sharded checkpoint (see ``_check_sharded``)."""
+    sharded checkpoint whose every pickle loads without running code (see ``_check_sharded``)."""
     if Path(path).is_dir():
         return _check_sharded(Path(path))
     ckpt = load_checkpoint(path, weights_only=True, mmap=True)
@@ -129,9 +130,11 @@ def _check_sharded(folder: Path) -> dict[str, Any]:
         if not any((folder / tag).glob("*model_states.pt")):
             raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: 'latest' names {tag!r}, "
                                       "which holds no model states")
+        verify_sharded_checkpoint(folder)  # DeepSpeed's engine loads every file with weights_only=False
         return {}
     if not is_distributed_checkpoint(folder):
         raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: no .metadata")
+    verify_sharded_checkpoint(folder)  # torch unpickles .metadata with plain pickle
     meta = load_checkpoint(marker, weights_only=True)
     missing = [k for k in ("global_step", "loops") if k not in meta]
     if missing:
@@ -145,7 +148,8 @@ def find_resumable_checkpoint(
     """The newest (by modification time) ``*.ckpt`` under ``folders`` that loads with
     ``weights_only=True``, and the newer ones skipped with the reason. ``(None, skipped)`` when
     none is usable. Links (``last.ckpt``) count once, as the file they point at. A ``*.ckpt``
-    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it."""
+    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it, and
+    is usable if every pickle in it loads without running code."""
     seen: dict[Path, float] = {}
     for folder in folders:
         folder = Path(folder)
