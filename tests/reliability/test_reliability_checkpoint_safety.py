@@ -2,7 +2,7 @@
 or non-tensor item in an FSDP2 (torch.distributed.checkpoint) folder, a crafted DeepSpeed
 ``*.pt``, a single file that references a function. ``mmkit export``, ``--ckpt_path last`` and an
 explicit folder all refuse them by name, and the payload (which would only create a marker file in
-tmp_path) never runs. Genuine folders still pass."""
+tmp_path) never runs. Genuine folders still pass; a sharded folder in a one-device run is skipped."""
 
 from __future__ import annotations
 
@@ -277,3 +277,33 @@ def _error(call) -> str:
     with pytest.raises(CheckpointLoadError) as e:
         call()
     return str(e.value)
+
+
+# -- a sharded folder in a one-device run ------------------------------------------------------------
+def test_last_skips_sharded_folders_a_one_device_run_cannot_load(genuine_fsdp2, tmp_path, capsys):
+    import lightning as L
+
+    _, fsdp2 = genuine_fsdp2
+    run = fsdp2.parent
+    good = run / "epoch=0-step=4.ckpt"
+    atomic_save({"state_dict": {}, "global_step": 4, "loops": {}}, good)
+    os.utime(good, ns=(10**18, 10**18))  # older than the folders
+    unfinished = run / "zzz.ckpt"
+    unfinished.mkdir()
+    (unfinished / "__0_0.distcp").write_bytes(b"shards")
+    deepspeed = run / "ds.ckpt"
+    (deepspeed / "checkpoint").mkdir(parents=True)
+    (deepspeed / "latest").write_text("checkpoint")
+    (deepspeed / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"never read")
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    assert resolve_ckpt_path("last", trainer) == str(good.resolve())
+    out = capsys.readouterr().out
+    for folder, kind in ((fsdp2, "an FSDP2"), (unfinished, "an FSDP2"), (deepspeed, "a DeepSpeed")):
+        assert f"skipped {folder}: checkpoint {folder} is {kind}" in out
+    assert out.count("which this run's strategy cannot load (it loads single checkpoint files only)") == 3
+    with pytest.raises(CheckpointLoadError, match=rf"{fsdp2} is an FSDP2 .*cannot load"):
+        resolve_ckpt_path(str(fsdp2), trainer)
+    # Under FSDP2 the same finished folder is the one to resume from.
+    assert resolve_ckpt_path("last", _fsdp2_trainer(tmp_path)) == str(fsdp2)
