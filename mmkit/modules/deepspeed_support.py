@@ -35,8 +35,9 @@ Sharded checkpoints are read back into one state dict by ``consolidated_state_di
 ``mmkit export``). DeepSpeed loads its files with ``torch.load(weights_only=False)``, which runs any
 code a crafted file carries: mmkit checks every file of a folder first
 (``mmkit.sharded_checkpoint.verify_deepspeed_checkpoint``) and runs DeepSpeed's reading, for export
-and for resume, with every ``torch.load`` forced to ``weights_only`` (``guard_checkpoint_loading``). Nothing here imports DeepSpeed unless the strategy, engine, parameters or
-checkpoint are DeepSpeed's, or a command names it (``import_quietly_if_named``).
+and for resume, with every ``torch.load`` forced to ``weights_only`` (``guard_checkpoint_loading``).
+Nothing here imports DeepSpeed unless the strategy, engine, parameters or checkpoint are
+DeepSpeed's, or a command names it (``import_quietly_if_named``).
 """
 
 from __future__ import annotations
