@@ -1,5 +1,7 @@
 """Checkpoint files that survive a crash: atomic writes, ``weights_only`` loading with errors that
-name the file, and finding the newest checkpoint that is complete.
+name the file, and finding the newest checkpoint that is complete, loads without running code
+(sharded folders: every pickle checked, see ``mmkit.sharded_checkpoint``) and that the run's
+strategy can load.
 
 Lightning's own writer serialises to memory and then moves a temporary file from the system's
 temp folder into place; when that folder is on another filesystem (a node-local /tmp, checkpoints
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
-from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint
+from mmkit.safe_unpickle import CheckpointLoadError, load_error, torch_load  # noqa: F401  (CheckpointLoadError: re-exported)
+from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint, verify_sharded_checkpoint
 
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never matched by "*.ckpt"
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint file that cannot be used; the message names the file and why."""
+# The kinds of sharded checkpoint folder, and what they are called in messages.
+FOLDER_KINDS = {"distributed": "an FSDP2 (torch.distributed.checkpoint) folder", "deepspeed": "a DeepSpeed folder"}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -76,23 +77,18 @@ def load_checkpoint(
 
     ``weights_only`` (the default) refuses pickled code: an mmkit checkpoint holds only tensors,
     numbers, strings and containers of them, so anything else is a bug, not a format to support.
+    A file that references anything else is refused as one that carries code, not called corrupt.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
-    except Exception as e:
-        detail = f"{type(e).__name__}: {_reason(str(e))}"
-        if "Unsupported global" in str(e):  # a class weights_only does not allow, not damage
-            raise CheckpointLoadError(
-                f"checkpoint {path} holds objects that weights_only loading refuses ({detail}); "
-                "checkpoints must contain only tensors, numbers, strings and containers of them"
-            ) from e
-        size = path.stat().st_size
-        raise CheckpointLoadError(
-            f"checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be loaded ({detail})"
-        ) from e
+    if weights_only:
+        ckpt = torch_load(path, map_location=map_location, mmap=mmap)
+    else:  # asked for explicitly (Lightning's ``fit(weights_only=False)``)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except Exception as e:
+            raise load_error(path, e) from e
     if not isinstance(ckpt, dict):
         raise CheckpointLoadError(
             f"checkpoint {path} is not a training checkpoint (a {type(ckpt).__name__}, not a dict)"
@@ -100,22 +96,18 @@ def load_checkpoint(
     return ckpt
 
 
-def _reason(message: str) -> str:
-    # torch's weights_only errors open with generic advice (to load with weights_only=False, even
-    # for a damaged file); the line that says what went wrong comes later.
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported" in line:
-            return line[line.index("Unsupported"):]
-    return lines[0] if lines else "no message"
-
-
-def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
+def check_resumable(path: str | os.PathLike, folder_kinds: Collection[str] = tuple(FOLDER_KINDS)) -> dict[str, Any]:
     """Load ``path`` as training would (weights_only) and check it is a Lightning training
     checkpoint; raise ``CheckpointLoadError`` naming the file otherwise. Memory-maps the tensors,
     so checking a large checkpoint reads little more than its index. A folder must be a finished
-    sharded checkpoint (see ``_check_sharded``)."""
+    sharded checkpoint of one of ``folder_kinds`` (those the run's strategy loads, see
+    ``loadable_folder_kinds``) whose every pickle loads without running code (see ``_check_sharded``)."""
     if Path(path).is_dir():
+        kind = _sharded_kind(Path(path))
+        if kind is not None and kind not in folder_kinds:
+            can = " or ".join(FOLDER_KINDS[k] for k in folder_kinds) or "single checkpoint files only"
+            raise CheckpointLoadError(f"checkpoint {path} is {FOLDER_KINDS[kind]}, which this run's strategy "
+                                      f"cannot load (it loads {can})")
         return _check_sharded(Path(path))
     ckpt = load_checkpoint(path, weights_only=True, mmap=True)
     missing = [k for k in ("state_dict", "global_step", "loops") if k not in ckpt]
@@ -124,15 +116,34 @@ def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def _sharded_kind(folder: Path) -> str | None:
+    """"distributed" (FSDP2's torch.distributed.checkpoint, finished or not), "deepspeed", or None."""
+    if is_distributed_checkpoint(folder) or any(folder.glob("*.distcp")):  # shards but no index: unfinished
+        return "distributed"
+    if is_deepspeed_checkpoint(folder):
+        return "deepspeed"
+    return None
+
+
 def _sharded_marker(folder: Path) -> Path | None:
     """The file a sharded checkpoint folder gets last, once every rank's part is on disk: Lightning's
     ``meta.pt`` after the ``torch.distributed.checkpoint`` shards (FSDP2), DeepSpeed's ``latest``
     after its tag folder. None for a folder that is neither kind."""
-    if is_distributed_checkpoint(folder) or any(folder.glob("*.distcp")):  # shards but no index: unfinished
-        return folder / "meta.pt"
-    if is_deepspeed_checkpoint(folder):
-        return folder / "latest"
-    return None
+    kind = _sharded_kind(folder)
+    return None if kind is None else folder / ("meta.pt" if kind == "distributed" else "latest")
+
+
+def loadable_folder_kinds(strategy: Any) -> tuple[str, ...]:
+    """The sharded folder kinds a Lightning strategy resumes from: FSDP2 folders under
+    ``ModelParallelStrategy`` (mmkit's ``fsdp2``) and FSDP, DeepSpeed folders under DeepSpeed,
+    none under the others (one device, DDP), which load single files only."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        return ("deepspeed",)
+    if isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
+        return ("distributed",)
+    return ()
 
 
 def _check_sharded(folder: Path) -> dict[str, Any]:
@@ -147,9 +158,11 @@ def _check_sharded(folder: Path) -> dict[str, Any]:
         if not any((folder / tag).glob("*model_states.pt")):
             raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: 'latest' names {tag!r}, "
                                       "which holds no model states")
+        verify_sharded_checkpoint(folder)  # DeepSpeed's engine loads every file with weights_only=False
         return {}
     if not is_distributed_checkpoint(folder):
         raise CheckpointLoadError(f"checkpoint folder {folder} is incomplete: no .metadata")
+    verify_sharded_checkpoint(folder)  # torch unpickles .metadata with plain pickle
     meta = load_checkpoint(marker, weights_only=True)
     missing = [k for k in ("global_step", "loops") if k not in meta]
     if missing:
@@ -158,12 +171,13 @@ def _check_sharded(folder: Path) -> dict[str, Any]:
 
 
 def find_resumable_checkpoint(
-    folders: Iterable[str | os.PathLike], recursive: bool = True
+    folders: Iterable[str | os.PathLike], recursive: bool = True, folder_kinds: Collection[str] = tuple(FOLDER_KINDS)
 ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest (by modification time) ``*.ckpt`` under ``folders`` that loads with
     ``weights_only=True``, and the newer ones skipped with the reason. ``(None, skipped)`` when
     none is usable. Links (``last.ckpt``) count once, as the file they point at. A ``*.ckpt``
-    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it."""
+    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it, and
+    is usable if it is one of ``folder_kinds`` and every pickle in it loads without running code."""
     seen: dict[Path, float] = {}
     for folder in folders:
         folder = Path(folder)
@@ -179,7 +193,7 @@ def find_resumable_checkpoint(
     skipped: list[tuple[Path, str]] = []
     for path in sorted(seen, key=lambda p: (seen[p], p.name), reverse=True):
         try:
-            check_resumable(path)
+            check_resumable(path, folder_kinds)
         except (CheckpointLoadError, OSError) as e:
             skipped.append((path, str(e)))
             continue
@@ -223,9 +237,11 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
     loads (``find_resumable_checkpoint`` over ``checkpoint_folders``), reporting the broken ones
     it skipped; None when the run has none yet (a first start and a restart use the same command).
     A file path is checked first, so a broken file fails with its name before training starts.
-    Other values (None, "best", "hpc", remote URLs) are left to Lightning."""
+    Sharded folders count only where the trainer's strategy loads their kind, and only once every
+    pickle in them is checked. Other values (None, "best", "hpc", remote URLs) are left to Lightning."""
+    kinds = loadable_folder_kinds(getattr(trainer, "strategy", None))
     if ckpt_path == "last":
-        path, skipped = find_resumable_checkpoint(checkpoint_folders(trainer), recursive=False)
+        path, skipped = find_resumable_checkpoint(checkpoint_folders(trainer), recursive=False, folder_kinds=kinds)
         for bad, reason in skipped:
             _say(f"mmkit: --ckpt_path last: skipped {bad}: {reason}")
         if path is None:
@@ -239,7 +255,7 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
         _say(f"mmkit: --ckpt_path last: resuming from {path}")
         return str(path)
     if ckpt_path and ckpt_path not in ("best", "hpc") and _is_local_file_protocol(ckpt_path):
-        check_resumable(ckpt_path)  # a folder: a finished sharded (FSDP2, DeepSpeed) checkpoint
+        check_resumable(ckpt_path, kinds)  # a folder: a finished sharded checkpoint of the strategy's kind
     return ckpt_path
 
 

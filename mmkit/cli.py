@@ -20,7 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
-import torch  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
@@ -31,9 +30,10 @@ from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
 from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
 from mmkit.callbacks.throughput import Throughput  # noqa: E402
-from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path  # noqa: E402
+from mmkit.checkpoint_io import CheckpointLoadError, load_checkpoint, resolve_ckpt_path  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
+from mmkit.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
 from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
 
 EVAL_SUBCOMMANDS = ("validate", "test", "predict")
@@ -66,8 +66,12 @@ class MMKitCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # Check a given checkpoint file now, so that a truncated or corrupt one fails with its name,
         # not a bare unpickling error later; and say where its hyperparameters differ from the config.
+        # A folder that validate/test/predict will hand to the strategy: every pickle in it is checked
+        # (fit checks its checkpoint in before_fit).
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and subcommand in EVAL_SUBCOMMANDS and Path(ckpt_path).is_dir():
+            verify_sharded_checkpoint(ckpt_path)
         if ckpt_path and Path(ckpt_path).is_file():
             hparams = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
             differing = checkpoint_differences(hparams, self.config[subcommand].get("model"))
@@ -261,7 +265,9 @@ def export(argv: list[str]) -> None:
 
 def _checkpoint_state_dict(path: str) -> dict:
     """The module state dict of a Lightning ``.ckpt`` file, or of a sharded checkpoint directory
-    (DeepSpeed's, or FSDP2's ``torch.distributed.checkpoint`` folder), merged to full weights in memory."""
+    (DeepSpeed's, or FSDP2's ``torch.distributed.checkpoint`` folder), merged to full weights in
+    memory. Nothing is unpickled that could run code: files load with ``weights_only``, folders are
+    checked file by file before they are merged (``mmkit.sharded_checkpoint``)."""
     from mmkit.modules.deepspeed_support import consolidated_state_dict
     from mmkit.sharded_checkpoint import distributed_checkpoint_state_dict, is_deepspeed_checkpoint, is_distributed_checkpoint
 
@@ -269,7 +275,12 @@ def _checkpoint_state_dict(path: str) -> dict:
         return consolidated_state_dict(path)
     if is_distributed_checkpoint(path):
         return distributed_checkpoint_state_dict(path)
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    if Path(path).is_dir():
+        verify_sharded_checkpoint(path)  # raises: a folder of neither kind
+    ckpt = load_checkpoint(path)
+    if "state_dict" not in ckpt:
+        raise CheckpointLoadError(f"checkpoint {path} has no 'state_dict' (not a Lightning checkpoint of an mmkit module)")
+    return ckpt["state_dict"]
 
 
 def _merge(base: dict, update: dict) -> dict:

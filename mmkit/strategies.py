@@ -14,9 +14,13 @@ Lightning's ``fsdp`` (FSDP1, which mmkit does not use).
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+
+from mmkit.safe_unpickle import weights_only_everywhere
+from mmkit.sharded_checkpoint import is_distributed_checkpoint, verify_distributed_checkpoint
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -48,6 +52,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Known here (set by the trainer's connector before the processes start).
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # torch unpickles a checkpoint folder's .metadata with plain pickle and its non-tensor items
+        # with weights_only=False: check every pickle first, and force weights_only on the loads.
+        # Also covers Trainer.fit(ckpt_path=...) from Python, which mmkit's CLI checks do not see.
+        if weights_only is False:  # the caller trusts the checkpoint explicitly
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        path = self.broadcast(checkpoint_path)
+        if is_distributed_checkpoint(path):
+            verify_distributed_checkpoint(path)
+        with weights_only_everywhere():
+            return super().load_checkpoint(path, weights_only)
 
 
 if "fsdp2" not in StrategyRegistry:

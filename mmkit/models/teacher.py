@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmkit.checkpoint_io import load_checkpoint
 from mmkit.models.dual_encoder import DualEncoder
 from mmkit.models.spec import HFTowers, ModelSpec, OpenCLIP
 
@@ -137,7 +138,7 @@ def load_weights(model: DualEncoder, checkpoint: str | Path) -> None:
         return
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {str(path)!r} (a .ckpt file or an mmkit export folder)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)  # weights_only; a file carrying code is refused with its name
     state = ckpt.get("state_dict", ckpt)
     # An mmkit module keeps its model under `model.`; a single-tower KD student one level deeper.
     weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}

@@ -32,8 +32,12 @@ process, in neither the optimizer nor the partitions. AlignGAN's ``alternating``
 optimizers) is refused: Lightning's ``DeepSpeedStrategy`` takes one.
 
 Sharded checkpoints are read back into one state dict by ``consolidated_state_dict`` (used by
-``mmkit export``). Nothing here imports DeepSpeed unless the strategy, engine, parameters or
-checkpoint are DeepSpeed's, or a command names it (``import_quietly_if_named``).
+``mmkit export``). DeepSpeed loads its files with ``torch.load(weights_only=False)``, which runs any
+code a crafted file carries: mmkit checks every file of a folder first
+(``mmkit.sharded_checkpoint.verify_deepspeed_checkpoint``) and runs DeepSpeed's reading, for export
+and for resume, with every ``torch.load`` forced to ``weights_only`` (``guard_checkpoint_loading``).
+Nothing here imports DeepSpeed unless the strategy, engine, parameters or checkpoint are
+DeepSpeed's, or a command names it (``import_quietly_if_named``).
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mmkit.safe_unpickle import deepspeed_globals, weights_only_everywhere
 from mmkit.sharded_checkpoint import is_deepspeed_checkpoint  # noqa: F401  (re-exported: cli, tests)
+from mmkit.sharded_checkpoint import verify_deepspeed_checkpoint
 
 
 def import_quietly_if_named(argv: list[str]) -> None:
@@ -91,12 +97,14 @@ def prepare(module, grad_clip_norm: float | None) -> None:
       module's ``batch_size``: Lightning would read it from the loader's ``batch_sampler``, which
       mmkit's loaders do not have (their sampler yields whole batches);
     - builds the model without ``deepspeed.zero.Init`` (see the module docstring);
-    - makes DeepSpeed accept 0-dim parameters (``patch_scalar_params``).
+    - makes DeepSpeed accept 0-dim parameters (``patch_scalar_params``);
+    - checks a checkpoint folder before the strategy resumes from it (``guard_checkpoint_loading``).
     """
     strategy = deepspeed_strategy(module)
     if strategy is None or strategy.config is None:
         return
     patch_scalar_params()
+    guard_checkpoint_loading(strategy)
     config = strategy.config
     want = float(grad_clip_norm or 0.0)
     have = float(config.get("gradient_clipping") or 0.0)
@@ -109,6 +117,27 @@ def prepare(module, grad_clip_norm: float | None) -> None:
     batch_size = getattr(module.trainer.datamodule, "batch_size", None)
     config.setdefault("train_micro_batch_size_per_gpu", int(batch_size) if isinstance(batch_size, int) else 1)
     strategy.model_sharded_context = _config_only_context.__get__(strategy)
+
+
+def guard_checkpoint_loading(strategy) -> None:
+    """Make ``strategy.load_checkpoint`` (Lightning's resume and evaluation of a checkpoint) check a
+    DeepSpeed folder with ``verify_deepspeed_checkpoint`` first, and run DeepSpeed's engine, whose
+    ``torch.load`` calls ask for ``weights_only=False``, with every load forced to ``weights_only``.
+    Idempotent."""
+    load = strategy.load_checkpoint
+    if getattr(load, "_mmkit_checked", False):
+        return
+
+    def load_checkpoint(checkpoint_path, weights_only=None):
+        if weights_only is False:  # the caller trusts the checkpoint explicitly
+            return load(checkpoint_path, weights_only)
+        if Path(checkpoint_path).is_dir():
+            verify_deepspeed_checkpoint(checkpoint_path)
+        with weights_only_everywhere(deepspeed_globals()):
+            return load(checkpoint_path, weights_only)
+
+    load_checkpoint._mmkit_checked = True
+    strategy.load_checkpoint = load_checkpoint
 
 
 @contextlib.contextmanager
@@ -273,12 +302,15 @@ def clamp_(p: nn.Parameter, low: float, high: float) -> None:
 def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a (sharded) DeepSpeed checkpoint directory, with the module's
     own keys (as ``LightningModule.state_dict()`` has them): DeepSpeed's zero_to_fp32 merges the
-    ZeRO partitions of every rank. Reads only what is on disk; needs no process group."""
+    ZeRO partitions of every rank. Reads only what is on disk; needs no process group. Every file
+    is checked first, and zero_to_fp32's loads run with ``weights_only`` forced."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = Path(path)
+    verify_deepspeed_checkpoint(path)
     tag = None if (path / "latest").is_file() else _only_tag(path)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    with weights_only_everywhere(deepspeed_globals()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     # Older Lightning versions wrapped the module before handing it to DeepSpeed.
     prefix = "_forward_module."
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
