@@ -12,7 +12,9 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mmkit.data.sampler import DistributedBatchSampler
-from mmkit.data.workers import SeededCollate, SeededSamples, ignore_stop_signals, seeded_rngs
+from mmkit.data.workers import (
+    SeededCollate, SeededSamples, end_at_exit, ignore_stop_signals, seeded_rngs,
+)
 
 
 class BatchFetch(Dataset):
@@ -33,7 +35,18 @@ class BatchFetch(Dataset):
         return samples if seed is None else SeededSamples(samples, seed)
 
 
-class EpochAwareDataLoader(DataLoader):
+class WorkerLoader(DataLoader):
+    """DataLoader whose worker processes (which ignore SIGTERM: ``ignore_stop_signals``) are
+    SIGKILLed if still running when this process exits, instead of waited for forever."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        if self.num_workers > 0:
+            end_at_exit(getattr(iterator, "_workers", ()))  # torch's multi-process iterator's
+        return iterator
+
+
+class EpochAwareDataLoader(WorkerLoader):
     """DataLoader that tells its iterable dataset the epoch each time an epoch starts.
 
     Lightning calls ``set_epoch`` only on samplers, and iterable datasets have none, so shard
@@ -85,7 +98,7 @@ def build_loader(
             dataset.check_split(world_size, num_workers)
         if hasattr(dataset, "set_epoch"):
             return EpochAwareDataLoader(dataset, batch_size=batch_size, epoch_fn=epoch_fn, **common)
-        return DataLoader(dataset, batch_size=batch_size, **common)  # a foreign stream splits itself
+        return WorkerLoader(dataset, batch_size=batch_size, **common)  # a foreign stream splits itself
     if drop_last and len(dataset) < batch_size * world_size:
         raise ValueError(
             f"batch_size={batch_size} × {world_size} rank(s) = {batch_size * world_size} is larger than the "
@@ -96,4 +109,4 @@ def build_loader(
         dataset, batch_size, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     common["collate_fn"] = SeededCollate(collate_fn)  # augmentation seeded per batch: exact resume
-    return DataLoader(BatchFetch(dataset), sampler=sampler, batch_size=None, **common)
+    return WorkerLoader(BatchFetch(dataset), sampler=sampler, batch_size=None, **common)

@@ -38,23 +38,49 @@ class StepRecorder(L.Callback):
 
 
 class PauseAt(L.Callback):
-    """At the end of global step ``step`` (once per run folder: ``marker`` records it) global rank 0
-    writes ``marker`` and waits until it receives a stop signal (or ``timeout`` seconds pass); other
-    ranks go on and wait for it in the next collective. Checkpoint callbacks run after this one,
-    so a step checkpoint of this step is written after the pause: pause one step past a
-    checkpoint step to kill after that checkpoint.
+    """At global step ``step`` (once per run folder: ``marker`` records it) global rank 0 writes
+    ``marker`` and waits until it receives a stop signal (or ``timeout`` seconds pass); other ranks
+    go on and wait for it in the next collective.
+
+    ``phase`` says where: ``"train"`` at the end of training step ``step``; ``"validation"`` after
+    the first batch of the validation run at that step (not in the sanity check); ``"checkpoint"``
+    inside the write of a checkpoint at that step (``on_save_checkpoint``: the state is gathered,
+    the file not yet written); ``"test"`` after the first test batch (``step`` is not checked).
+    For ``"train"``: checkpoint callbacks run after this one, so a step checkpoint of this step is
+    written after the pause: pause one step past a checkpoint step to kill after that checkpoint.
 
     Args:
-        step: The global step to pause after.
+        step: The global step to pause at.
         marker: File written when the pause starts.
         timeout: Longest pause in seconds.
+        phase: ``"train"``, ``"validation"``, ``"checkpoint"`` or ``"test"``.
     """
 
-    def __init__(self, step: int, marker: str, timeout: float = 300.0) -> None:
-        self.step, self.marker, self.timeout = step, marker, timeout
+    PHASES = ("train", "validation", "checkpoint", "test")
+
+    def __init__(self, step: int, marker: str, timeout: float = 300.0, phase: str = "train") -> None:
+        if phase not in self.PHASES:
+            raise ValueError(f"PauseAt: phase must be one of {self.PHASES}, got {phase!r}")
+        self.step, self.marker, self.timeout, self.phase = step, marker, timeout, phase
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step != self.step or trainer.global_rank != 0 or Path(self.marker).exists():
+        if self.phase == "train":
+            self._pause(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.phase == "validation" and not trainer.sanity_checking and batch_idx == 0:
+            self._pause(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self.phase == "checkpoint":
+            self._pause(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.phase == "test" and batch_idx == 0:
+            self._pause(trainer, any_step=True)
+
+    def _pause(self, trainer, any_step: bool = False) -> None:
+        if (not any_step and trainer.global_step != self.step) or trainer.global_rank != 0 or Path(self.marker).exists():
             return
         Path(self.marker).write_text(str(os.getpid()))
         deadline = time.monotonic() + self.timeout

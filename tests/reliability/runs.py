@@ -24,7 +24,10 @@ EVERY = 5  # step-checkpoint interval
 RUN_TIMEOUT = 600
 
 
-def write_config(run: Path, num_workers: int = 0, pause_at: int | None = None, devices: int = 1) -> Path:
+def write_config(run: Path, num_workers: int = 0, pause_at: int | None = None, devices: int = 1,
+                 pause_phase: str = "train", persistent_workers: bool = False, test: bool = False) -> Path:
+    """The run's recipe. ``pause_phase``: where ``PauseAt`` pauses (see there); ``test``: a test
+    split, run by ``mmkit fit`` after the fit (``test_after_fit``)."""
     run.mkdir(parents=True, exist_ok=True)
     callbacks = [
         {"class_path": "mmkit.callbacks.StepCheckpoint", "init_args": {"every_n_train_steps": EVERY, "keep_last": 3}},
@@ -32,7 +35,8 @@ def write_config(run: Path, num_workers: int = 0, pause_at: int | None = None, d
     ]
     if pause_at is not None:
         callbacks.append({"class_path": "resume_helpers.PauseAt",
-                          "init_args": {"step": pause_at, "marker": str(run / "paused"), "timeout": 120}})
+                          "init_args": {"step": pause_at, "marker": str(run / "paused"), "timeout": 120,
+                                        "phase": pause_phase}})
     shapes = "mmkit.data.SyntheticShapes"
     cfg = {
         "seed_everything": 0,
@@ -51,9 +55,10 @@ def write_config(run: Path, num_workers: int = 0, pause_at: int | None = None, d
         "data": {"class_path": "mmkit.data.ImageTextDataModule", "init_args": {
             "train": {"class_path": shapes, "init_args": {"size": SAMPLES, "seed": 0, "image_size": 16}},
             "val": {"class_path": shapes, "init_args": {"size": 8, "seed": 1, "image_size": 16}},
-            "batch_size": BATCH, "num_workers": num_workers,
+            **({"test": {"class_path": shapes, "init_args": {"size": 8, "seed": 2, "image_size": 16}}} if test else {}),
+            "batch_size": BATCH, "num_workers": num_workers, "persistent_workers": persistent_workers,
         }},
-        "test_after_fit": False,
+        "test_after_fit": test,
     }
     path = run / "recipe.yaml"  # not config.yaml: the CLI saves its resolved config there
     path.write_text(yaml.safe_dump(cfg))
@@ -105,6 +110,23 @@ def stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+def live_group_members(pgid: int) -> list[str]:
+    """The processes of process group ``pgid`` that are still running (zombies aside), from /proc:
+    "pid (name)" of each."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may itself hold spaces and parentheses
+        end = text.rindex(")")
+        state, _ppid, pgrp = text[end + 2 :].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.append(text[: end + 1])
+    return members
 
 
 def records_by_process(path: Path) -> list[list[dict]]:

@@ -8,7 +8,9 @@ import stat
 
 import pytest
 
-from runs import TOTAL_STEPS, finish, output, records_by_process, start, stop, wait_for, write_config
+from runs import (
+    TOTAL_STEPS, finish, live_group_members, output, records_by_process, start, stop, wait_for, write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +34,7 @@ def test_sigterm_to_the_process_group_saves_exits_and_resumes(tmp_path, uninterr
         # Like a scheduler: the whole process group, DataLoader worker included.
         os.killpg(first.pid, signal.SIGTERM)
         assert finish(first, timeout=120) == 128 + signal.SIGTERM, output(first)[-4000:]
+        assert not live_group_members(first.pid)  # the worker, which ignored the signal, ended too
     finally:
         stop(first)
     assert (run / "checkpoints" / f"epoch=0-step={stop_step}.ckpt").is_file()
