@@ -160,10 +160,13 @@ def _check_sharded(folder: Path) -> dict[str, Any]:
 def find_resumable_checkpoint(
     folders: Iterable[str | os.PathLike], recursive: bool = True
 ) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest (by modification time) ``*.ckpt`` under ``folders`` that loads with
-    ``weights_only=True``, and the newer ones skipped with the reason. ``(None, skipped)`` when
-    none is usable. Links (``last.ckpt``) count once, as the file they point at. A ``*.ckpt``
-    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it."""
+    """The ``*.ckpt`` under ``folders`` that is furthest into training (``training_progress``;
+    modification time only breaks ties) and loads with ``weights_only=True``, and the ones that
+    do not load, with the reason (all of them: their step cannot be known). ``(None, skipped)``
+    when none is usable. Links (``last.ckpt``) count once, as the file they point at. A ``*.ckpt``
+    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it; a
+    DeepSpeed folder records no step here, so it ranks below any file that does (a run writes one
+    kind or the other)."""
     seen: dict[Path, float] = {}
     for folder in folders:
         folder = Path(folder)
@@ -176,15 +179,29 @@ def find_resumable_checkpoint(
                     seen[real] = real.stat().st_mtime_ns
                 elif real.is_dir() and (marker := _sharded_marker(real)) is not None:
                     seen[real] = (marker if marker.is_file() else real).stat().st_mtime_ns
+    # Modification times say little: `cp -r`, rsync or a restore from backup rewrite them. What a
+    # checkpoint records about its own position in training does not change with the copy.
     skipped: list[tuple[Path, str]] = []
+    ranked = []
     for path in sorted(seen, key=lambda p: (seen[p], p.name), reverse=True):
         try:
-            check_resumable(path)
+            ranked.append((training_progress(check_resumable(path)), seen[path], path.name, path))
         except (CheckpointLoadError, OSError) as e:
             skipped.append((path, str(e)))
-            continue
-        return path, skipped
-    return None, skipped
+    return (max(ranked)[-1] if ranked else None), skipped
+
+
+def training_progress(ckpt: dict[str, Any]) -> tuple[int, ...]:
+    """Where in training a Lightning checkpoint was written, for ordering: global step, epoch, then
+    the fit loop's batch and epoch counters (they tell apart checkpoints of one global step: the
+    end of a batch and the end of its epoch, micro-batches of gradient accumulation). -1 for what
+    the checkpoint does not record."""
+    fit_loop = (ckpt.get("loops") or {}).get("fit_loop") or {}
+    batches = (fit_loop.get("epoch_loop.batch_progress") or {}).get("total") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("total") or {}
+    values = (ckpt.get("global_step"), ckpt.get("epoch"), batches.get("completed"), batches.get("processed"),
+              epochs.get("processed"), epochs.get("completed"))
+    return tuple(int(v) if isinstance(v, (int, float)) else -1 for v in values)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -219,9 +236,9 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
-    """What ``fit(ckpt_path=...)`` should load. ``"last"``: the newest checkpoint of this run that
-    loads (``find_resumable_checkpoint`` over ``checkpoint_folders``), reporting the broken ones
-    it skipped; None when the run has none yet (a first start and a restart use the same command).
+    """What ``fit(ckpt_path=...)`` should load. ``"last"``: the checkpoint of this run furthest into
+    training that loads (``find_resumable_checkpoint`` over ``checkpoint_folders``), reporting the
+    broken ones it skipped; None when the run has none yet (a first start and a restart use the same command).
     A file path is checked first, so a broken file fails with its name before training starts.
     Other values (None, "best", "hpc", remote URLs) are left to Lightning."""
     if ckpt_path == "last":

@@ -75,7 +75,7 @@ def test_pickled_objects_are_refused_by_weights_only_loading(tmp_path):
         load_checkpoint(path)
 
 
-def test_last_takes_the_newest_checkpoint_that_loads_and_names_the_skipped_ones(tmp_path):
+def test_last_takes_the_furthest_checkpoint_that_loads_and_names_the_skipped_ones(tmp_path):
     run = tmp_path / "checkpoints"
     paths = [run / f"epoch=0-step={s}.ckpt" for s in (5, 10, 15)]
     for i, path in enumerate(paths):
@@ -87,13 +87,13 @@ def test_last_takes_the_newest_checkpoint_that_loads_and_names_the_skipped_ones(
     zero = run / "epoch=0-step=20.ckpt"
     zero.write_bytes(b"")
     os.utime(zero, ns=(10**18 + 4 * 10**9,) * 2)
-    (run / "not-a-training-checkpoint.ckpt").write_bytes(b"")  # oldest: never reached
+    (run / "not-a-training-checkpoint.ckpt").write_bytes(b"")  # oldest, but its step is unknown: named too
     os.utime(run / "not-a-training-checkpoint.ckpt", ns=(10**17,) * 2)
     os.symlink(zero.name, run / "last.ckpt")  # a link counts as the file it points at
 
     path, skipped = find_resumable_checkpoint([tmp_path], recursive=True)
     assert path == paths[1].resolve()
-    assert [p.name for p, _ in skipped] == [zero.name, newest.name]
+    assert [p.name for p, _ in skipped] == [zero.name, newest.name, "not-a-training-checkpoint.ckpt"]
     assert all(str(p) in reason and "truncated or corrupt" in reason for p, reason in skipped)
     assert find_resumable_checkpoint([tmp_path / "nowhere"]) == (None, [])
 
