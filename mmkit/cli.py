@@ -31,7 +31,8 @@ from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
 from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
 from mmkit.callbacks.throughput import Throughput  # noqa: E402
-from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path  # noqa: E402
+from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path, verify_checksum  # noqa: E402
+from mmkit.checksum import remove_with_sidecar  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
 from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
@@ -70,6 +71,7 @@ class MMKitCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             hparams = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+            verify_checksum(ckpt_path)  # also for validate/test/predict, whose CheckpointIO is Lightning's
             differing = checkpoint_differences(hparams, self.config[subcommand].get("model"))
             if differing and rank_zero_only.rank == 0:
                 print(f"mmkit: {ckpt_path} was trained with other values of {', '.join(differing)}; "
@@ -224,7 +226,7 @@ def _plain(value: Any) -> Any:
 def remove_hpc_checkpoints(root: str | Path) -> list[Path]:
     removed = sorted(Path(root).glob("hpc_ckpt_*.ckpt"))
     for path in removed:
-        path.unlink()
+        remove_with_sidecar(path)
         print(f"mmkit: fit finished; removed the preemption checkpoint {path}")
     return removed
 

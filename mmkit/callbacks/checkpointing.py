@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmkit import distributed as D
 from mmkit.checkpoint_io import TEMP_SUFFIX, AtomicCheckpointIO, atomic_symlink
+from mmkit.checksum import remove_orphan_sidecars, remove_with_sidecar
 
 _NAME = re.compile(r"^epoch=(\d+)-step=(\d+)\.ckpt$")
 
@@ -40,7 +41,8 @@ class StepCheckpoint(Checkpoint):
     ``mmkit.checkpoint_io``): the strategy's plain ``TorchCheckpointIO`` is replaced by
     ``AtomicCheckpointIO`` when the run starts (DeepSpeed and sharded strategies, which write
     folders of their own, are left alone). Resume with ``mmkit fit ... --ckpt_path last``, which
-    picks the newest checkpoint that loads and skips broken ones.
+    picks the checkpoint furthest into training that loads and matches its digest, and skips
+    broken ones. Each file gets a ``<name>.sha256`` digest, removed with it when it is pruned.
 
     Preemption: SIGTERM (scancel, Kubernetes, ``timeout``) and SIGUSR1 (or the requeue signal of a
     ``SLURMEnvironment``) set a flag; at the end of the current training step every rank agrees,
@@ -105,6 +107,8 @@ class StepCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             for stale in Path(self.dirpath).glob(f".*{TEMP_SUFFIX}"):  # left by a kill during a write
                 stale.unlink(missing_ok=True)
+            if Path(self.dirpath).is_dir():
+                remove_orphan_sidecars(self.dirpath)  # a kill between removing a checkpoint and its digest
         if self.save_on_preemption:
             self._install_handler(trainer)
 
@@ -198,7 +202,7 @@ class StepCheckpoint(Checkpoint):
         # line of training is what must be kept).
         ours.sort(reverse=True)
         for _, _, p in ours[self.keep_last :]:
-            p.unlink(missing_ok=True)
+            remove_with_sidecar(p)
 
     # -- preemption --------------------------------------------------------------------------
     def _agreed_signal(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:

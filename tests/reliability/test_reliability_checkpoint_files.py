@@ -34,7 +34,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_debris(tmp_path):
     with pytest.raises(RuntimeError, match="half-way"):
         atomic_save({"state_dict": {"w": torch.zeros(10_000)}, "bad": _FailsToPickle()}, path)
     assert load_checkpoint(path)["global_step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # and its digest
 
 
 def test_the_write_goes_to_a_synced_temporary_file_in_the_target_folder(tmp_path, monkeypatch):
@@ -48,9 +48,10 @@ def test_the_write_goes_to_a_synced_temporary_file_in_the_target_folder(tmp_path
     AtomicCheckpointIO().save_checkpoint(_training_ckpt(3), target)
     kinds = [e[0] for e in events]
     assert kinds.index("fsync") < kinds.index("replace")  # data on disk before the name points at it
-    (_, src, dst), = [e for e in events if e[0] == "replace"]
+    (_, src, dst), = [e for e in events if e[0] == "replace" and e[2] == target]  # (the other: its digest)
     assert dst == target and src.parent == target.parent and src.name.startswith(".") and not src.name.endswith(".ckpt")
-    assert kinds.count("fsync") == 2  # the file, then the folder (the rename)
+    ckpt_replace = events.index(("replace", src, dst))
+    assert [e[0] for e in events[ckpt_replace:]] == ["replace", "fsync"]  # the folder (the rename) last
     assert load_checkpoint(target)["global_step"] == 3
 
 
