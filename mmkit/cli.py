@@ -31,6 +31,7 @@ from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
 from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
 from mmkit.callbacks.throughput import Throughput  # noqa: E402
+from mmkit import run_lock  # noqa: E402
 from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path, verify_checksum  # noqa: E402
 from mmkit.checksum import remove_with_sidecar  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
@@ -96,6 +97,18 @@ class MMKitCLI(LightningCLI):
             claim_eval_dir(self.eval_dir, fresh=not self._get(self.config, "eval_dir"))
             print(f"mmkit: {self.subcommand} writes to {self.eval_dir}", flush=True)
             os.environ[EVAL_DIR_ENV] = self.eval_dir  # for the ranks Lightning launches next
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A fit locks its run folder (global rank 0) from before `--ckpt_path last` is resolved to
+        # after the test that follows it, so a second fit there stops before it reads or writes
+        # anything. validate/test/predict write to an eval folder of their own: no lock.
+        if subcommand != "fit" or not self.trainer.is_global_zero:
+            return super()._run_subcommand(subcommand)
+        folder = run_lock.acquire(self.trainer.default_root_dir)
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            run_lock.release(folder)
 
     def before_fit(self) -> None:
         # `--ckpt_path last`: the newest checkpoint that loads, skipping (and naming) broken ones;
@@ -303,7 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     if words and words[0] == "export":
         export(words[1:])
         return
-    run_cli(argv)
+    try:
+        run_cli(argv)
+    except run_lock.RunFolderLocked as e:
+        if argv is not None:  # called from Python: the caller gets the exception
+            raise
+        sys.exit(str(e))  # the `mmkit` command: the message and status 1, no traceback
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmkit import distributed as D
+from mmkit import run_lock
 from mmkit.checkpoint_io import TEMP_SUFFIX, AtomicCheckpointIO, atomic_symlink
 from mmkit.checksum import remove_orphan_sidecars, remove_with_sidecar
 
@@ -43,6 +44,10 @@ class StepCheckpoint(Checkpoint):
     folders of their own, are left alone). Resume with ``mmkit fit ... --ckpt_path last``, which
     picks the checkpoint furthest into training that loads and matches its digest, and skips
     broken ones. Each file gets a ``<name>.sha256`` digest, removed with it when it is pruned.
+
+    Global rank 0 holds the run folder's lock (``mmkit.run_lock``; the CLI takes it already) for
+    the fit, so a second run started in the same folder fails instead of deleting this run's
+    temporary files and checkpoints; only the lock holder cleans up what a killed run left.
 
     Preemption: SIGTERM (scancel, Kubernetes, ``timeout``) and SIGUSR1 (or the requeue signal of a
     ``SLURMEnvironment``) set a flag; at the end of the current training step every rank agrees,
@@ -90,6 +95,7 @@ class StepCheckpoint(Checkpoint):
         self._signal_received: int | None = None
         self._previous_handler: Any = None
         self._handled_signal: int | None = None
+        self._locked: Path | None = None
 
     @property
     def preemption_signal(self) -> int | None:
@@ -105,6 +111,9 @@ class StepCheckpoint(Checkpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.is_global_zero:
+            # A second run in this folder fails here (a plain Trainer; under the CLI the lock is
+            # already held): with the lock, every temporary file is a dead writer's.
+            self._locked = run_lock.acquire(trainer.default_root_dir)
             for stale in Path(self.dirpath).glob(f".*{TEMP_SUFFIX}"):  # left by a kill during a write
                 stale.unlink(missing_ok=True)
             if Path(self.dirpath).is_dir():
@@ -142,8 +151,14 @@ class StepCheckpoint(Checkpoint):
             signal.signal(self._handled_signal, self._previous_handler or signal.SIG_DFL)
         self._handled_signal = None
 
+    def _release_lock(self) -> None:
+        if self._locked is not None:
+            run_lock.release(self._locked)
+            self._locked = None
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handler()
+        self._release_lock()
 
     # -- saving ------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -165,6 +180,12 @@ class StepCheckpoint(Checkpoint):
         # Lightning stops by itself on a SIGTERM that arrives after our end-of-step check (during
         # validation, say); it stops between steps, so the state is still a consistent one to save.
         self._restore_handler()
+        try:
+            self._maybe_save_on_exception(trainer, exception)
+        finally:
+            self._release_lock()  # Lightning does not call `teardown` after an exception
+
+    def _maybe_save_on_exception(self, trainer: L.Trainer, exception: BaseException) -> None:
         if (
             self.save_on_preemption
             and isinstance(exception, SIGTERMException)
