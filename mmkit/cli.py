@@ -22,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
+from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
@@ -35,6 +36,7 @@ from mmkit import run_lock  # noqa: E402
 from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path, verify_checksum  # noqa: E402
 from mmkit.checksum import remove_with_sidecar  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
+from mmkit.loggers import CSVLogger as ContinuingCSVLogger  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
 from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
 
@@ -91,6 +93,8 @@ class MMKitCLI(LightningCLI):
             self.eval_dir = redirect_eval_outputs(config, self.subcommand)
         elif config.get("eval_dir"):
             raise ValueError("--eval_dir is for validate, test and predict; fit writes to trainer.default_root_dir")
+        if self.subcommand == "fit":
+            continue_csv_logs(config)
 
     def after_instantiate_classes(self) -> None:
         if self.eval_dir is not None and self.trainer.is_global_zero:
@@ -115,6 +119,13 @@ class MMKitCLI(LightningCLI):
         # an explicit path is checked now, so a broken file fails with its name before training.
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer)
+        # A resumed fit continues metrics.csv instead of starting it again (mmkit.loggers).
+        connector = self.trainer._checkpoint_connector
+        resuming = config["ckpt_path"] is not None or (
+            SLURMEnvironment.detect() and connector._hpc_resume_path is not None)  # Lightning loads it by itself
+        for logger in self.trainer.loggers:
+            if isinstance(logger, ContinuingCSVLogger):
+                logger.resuming = bool(resuming)
 
     def after_fit(self) -> None:
         # A finished fit makes SLURM preemption checkpoints stale; left in place, Lightning would
@@ -186,6 +197,15 @@ def redirect_eval_outputs(config: Namespace, subcommand: str) -> str:
                 logger.init_args = Namespace()
             logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = folder, "", ""
     return folder
+
+
+def continue_csv_logs(config: Namespace) -> None:
+    """A fit's Lightning ``CSVLogger`` becomes ``mmkit.loggers.CSVLogger`` (a subclass, same
+    arguments), which keeps the rows of ``metrics.csv`` when the fit resumes."""
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    for logger in loggers:
+        if isinstance(logger, Namespace) and _import(logger.get("class_path") or "") is CSVLogger:
+            logger.class_path = f"{ContinuingCSVLogger.__module__}.{ContinuingCSVLogger.__name__}"
 
 
 def new_eval_dir(root: str | Path, subcommand: str) -> str:

@@ -1,6 +1,8 @@
-"""One run per run folder: a second `mmkit fit` in a folder in use stops at once and touches
-nothing; the lock dies with its holder (SIGKILL included)."""
+"""One run per run folder, and a run folder that keeps its history across restarts: a second
+`mmkit fit` in a folder in use stops at once and touches nothing; the lock dies with its holder
+(SIGKILL included); a resumed fit continues `metrics.csv`."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import pytest
 import yaml
 
 from mmkit import run_lock
+from mmkit.loggers import CSVLogger
 from runs import EVERY, TOTAL_STEPS, finish, output, records_by_process, start, stop, wait_for, write_config
 
 
@@ -114,3 +117,71 @@ def test_the_lock_dies_with_its_holder_though_a_forked_child_lives_on(tmp_path):
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
+
+
+@pytest.mark.slow
+def test_after_a_sigkill_a_new_fit_takes_the_lock_and_continues_metrics_csv(tmp_path):
+    run = tmp_path / "run"
+    stop_step = EVERY + 2  # killed two steps after the checkpoint of step 5
+    write_config(run, num_workers=1, pause_at=stop_step)
+    # Lightning's CSVLogger as the recipes name it; `mmkit fit` swaps in mmkit.loggers.CSVLogger.
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(run), "name": "", "version": ""}}
+    _edit_recipe(run, logger=logger, log_every_n_steps=1)
+    first = start(run, "--ckpt_path", "last")
+    try:
+        wait_for(run / "paused", first)
+        assert f'"pid": {first.pid}' in _lock_owner(run)
+        before = _rows(run / "metrics.csv")
+        os.kill(first.pid, signal.SIGKILL)  # the trainer only: its DataLoader worker may outlive it a while
+        assert first.wait(timeout=60) == -signal.SIGKILL
+        second = start(run, "--ckpt_path", "last")
+        try:
+            assert finish(second) == 0, output(second)[-4000:]
+        finally:
+            stop(second)
+    finally:
+        stop(first)
+    assert f"resuming from {run / 'checkpoints' / f'epoch=0-step={EVERY}.ckpt'}" in output(second)
+    killed, resumed = records_by_process(run / "steps.jsonl")
+    assert killed[-1]["step"] == stop_step and resumed[0]["step"] == EVERY + 1
+
+    after = _rows(run / "metrics.csv")
+    train = [r for r in after if r.get("train/loss")]
+    # Lightning logs step S's training metrics at row step S - 1: every trained step once, the
+    # two trained again after the resume from their second run.
+    assert [int(r["step"]) for r in train] == list(range(TOTAL_STEPS))
+    kept = [r for r in before if int(r["step"]) < EVERY]
+    assert kept and [{k: v for k, v in r.items() if v} for r in after[: len(kept)]] == [
+        {k: v for k, v in r.items() if v} for r in kept]  # the rows before the restart, as written
+    by_step = {int(r["step"]): float(r["train/loss"]) for r in train}
+    assert [by_step[r["step"] - 1] for r in resumed] == pytest.approx([r["loss"] for r in resumed], rel=1e-5)
+    # validation after batches 5 and 10 of each 12-batch epoch; the first (step 5) ran before the kill
+    assert [int(r["step"]) for r in after if r.get("val/loss")] == [4, 9, 16, 21]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_resumed_logger_keeps_old_rows_drops_those_it_logs_again_and_widens_the_header(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss\n0,0,3.0\n0,1,2.5\n0,2,2.4\n")
+    logger = CSVLogger(tmp_path, name="", version="")
+    logger.resuming = True
+    logger.log_metrics({"train/loss": 2.2, "train/new": 7.0, "epoch": 0}, step=2)  # row 2 trained again
+    logger.log_metrics({"train/loss": 2.0, "epoch": 0}, step=3)
+    logger.save()
+    assert metrics.read_text().splitlines() == [
+        "epoch,step,train/loss,train/new", "0,0,3.0,", "0,1,2.5,", "0,2,2.2,7.0", "0,3,2.0,"]
+    logger.log_metrics({"val/loss": 1.0, "epoch": 0}, step=3)  # a new key later: Lightning's rewrite path
+    logger.save()
+    assert metrics.read_text().splitlines()[0] == "epoch,step,train/loss,train/new,val/loss"
+    assert len(metrics.read_text().splitlines()) == 6 and not list(tmp_path.glob(".*.tmp"))
+
+    fresh = CSVLogger(tmp_path, name="", version="")  # not resuming: Lightning's behaviour
+    with pytest.warns(UserWarning, match="will be deleted"):
+        fresh.log_metrics({"x": 1.0}, step=0)
+    fresh.save()
+    assert metrics.read_text().splitlines() == ["step,x", "0,1.0"]
