@@ -36,7 +36,7 @@ class CheckpointLoadError(RuntimeError):
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``: write a temporary
-    file in the same folder, fsync it, record its SHA-256 in ``<path>.sha256``, ``os.replace`` it
+    file in the same folder, fsync it, record its SHA-256 in ``<path>.digest``, ``os.replace`` it
     onto ``path``, fsync the folder (see ``checksum.replace_with_digest`` for the order)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +63,21 @@ def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
     _fsync_dir(link.parent)
+
+
+def remove_write_debris(folder: str | os.PathLike) -> list[Path]:
+    """Delete what a process killed while writing checkpoints into ``folder`` left: temporary
+    files (``.<name>.ckpt.<random>.tmp``, also of links and digests) and digests whose checkpoint
+    is gone. Only for the holder of the run folder's lock (``mmkit.run_lock``): another run's write
+    in progress looks the same. Lightning reads the digits of every name containing ``hpc_ckpt_``
+    in ``default_root_dir`` to find SLURM's checkpoint, so such leftovers there break a requeue."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = list(folder.glob(f".*.ckpt*{TEMP_SUFFIX}"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed + checksum.remove_orphan_sidecars(folder)
 
 
 def load_checkpoint(
@@ -210,7 +225,7 @@ def training_progress(ckpt: dict[str, Any]) -> tuple[int, ...]:
 
 
 def verify_checksum(path: str | os.PathLike) -> bool:
-    """Check a checkpoint file against the digest recorded when it was written (``<path>.sha256``,
+    """Check a checkpoint file against the digest recorded when it was written (``<path>.digest``,
     see ``mmkit.checksum``); raise ``CheckpointLoadError`` naming the file when its bytes changed.
     A file without a sidecar (written before mmkit recorded digests, or not by ``atomic_save``:
     Lightning's own writer, a remote store) passes unchecked: returns False. A folder (sharded

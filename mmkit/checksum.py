@@ -3,8 +3,10 @@
 A checkpoint whose bytes change after it was written (a flipped bit on disk, a damaged copy) can
 still load: the zip index and the pickle are intact and only a tensor's values differ. The digest
 recorded at write time catches that. The sidecar of ``epoch=0-step=5.ckpt`` is
-``epoch=0-step=5.ckpt.sha256`` in ``sha256sum`` format (``<hex>  <name>``), so
-``sha256sum -c epoch=0-step=5.ckpt.sha256`` checks it by hand too.
+``epoch=0-step=5.ckpt.digest`` in ``sha256sum`` format (``<hex>  <name>``), so
+``sha256sum -c epoch=0-step=5.ckpt.digest`` checks it by hand too. Not ``.sha256``: Lightning
+finds SLURM's ``hpc_ckpt_<N>.ckpt`` by the digits of every file name containing ``hpc_ckpt_``,
+and would read ``hpc_ckpt_1.ckpt.sha256`` as checkpoint number 1256.
 
 SHA-256 rather than BLAKE2b: hashlib's SHA-256 comes from OpenSSL and uses the CPU's SHA
 instructions where they exist (about 1 GB/s on this project's machines against 0.45 GB/s for
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 ALGORITHM = "sha256"
-SUFFIX = ".sha256"
+SUFFIX = ".digest"  # no digits in it: see above
 BLOCK = 1 << 20
 _TEMP_SUFFIX = ".tmp"  # as mmkit.checkpoint_io.TEMP_SUFFIX (not imported: that module imports this one)
 

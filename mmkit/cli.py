@@ -33,7 +33,7 @@ from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
 from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
 from mmkit.callbacks.throughput import Throughput  # noqa: E402
 from mmkit import run_lock  # noqa: E402
-from mmkit.checkpoint_io import load_checkpoint, resolve_ckpt_path, verify_checksum  # noqa: E402
+from mmkit.checkpoint_io import load_checkpoint, remove_write_debris, resolve_ckpt_path, verify_checksum  # noqa: E402
 from mmkit.checksum import remove_with_sidecar  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.loggers import CSVLogger as ContinuingCSVLogger  # noqa: E402
@@ -110,6 +110,8 @@ class MMKitCLI(LightningCLI):
             return super()._run_subcommand(subcommand)
         folder = run_lock.acquire(self.trainer.default_root_dir)
         try:
+            # before Lightning looks for SLURM's hpc_ckpt_<N> there (the digits of every such name)
+            remove_write_debris(folder)
             super()._run_subcommand(subcommand)
         finally:
             run_lock.release(folder)

@@ -21,8 +21,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmkit import distributed as D
 from mmkit import run_lock
-from mmkit.checkpoint_io import TEMP_SUFFIX, AtomicCheckpointIO, atomic_symlink
-from mmkit.checksum import remove_orphan_sidecars, remove_with_sidecar
+from mmkit.checkpoint_io import AtomicCheckpointIO, atomic_symlink, remove_write_debris
+from mmkit.checksum import remove_with_sidecar
 
 _NAME = re.compile(r"^epoch=(\d+)-step=(\d+)\.ckpt$")
 
@@ -43,7 +43,7 @@ class StepCheckpoint(Checkpoint):
     ``AtomicCheckpointIO`` when the run starts (DeepSpeed and sharded strategies, which write
     folders of their own, are left alone). Resume with ``mmkit fit ... --ckpt_path last``, which
     picks the checkpoint furthest into training that loads and matches its digest, and skips
-    broken ones. Each file gets a ``<name>.sha256`` digest, removed with it when it is pruned.
+    broken ones. Each file gets a ``<name>.digest`` SHA-256 digest, removed with it when it is pruned.
 
     Global rank 0 holds the run folder's lock (``mmkit.run_lock``; the CLI takes it already) for
     the fit, so a second run started in the same folder fails instead of deleting this run's
@@ -114,10 +114,8 @@ class StepCheckpoint(Checkpoint):
             # A second run in this folder fails here (a plain Trainer; under the CLI the lock is
             # already held): with the lock, every temporary file is a dead writer's.
             self._locked = run_lock.acquire(trainer.default_root_dir)
-            for stale in Path(self.dirpath).glob(f".*{TEMP_SUFFIX}"):  # left by a kill during a write
-                stale.unlink(missing_ok=True)
-            if Path(self.dirpath).is_dir():
-                remove_orphan_sidecars(self.dirpath)  # a kill between removing a checkpoint and its digest
+            for folder in dict.fromkeys([self.dirpath, str(trainer.default_root_dir)]):  # hpc_ckpt_* go there
+                remove_write_debris(folder)  # left by a kill during a write or a pruning
         if self.save_on_preemption:
             self._install_handler(trainer)
 

@@ -51,7 +51,7 @@ def test_ties_in_global_step_are_broken_by_the_loops_progress_then_by_time(tmp_p
     # Equal in everything recorded: the newer file.
     same = tmp_path / "hpc_ckpt_1.ckpt"
     shutil.copy(epoch_end, same)
-    shutil.copy(str(epoch_end) + ".sha256", str(same) + ".sha256")
+    shutil.copy(str(epoch_end) + ".digest", str(same) + ".digest")
     _set_mtime(same, 3)
     assert find_resumable_checkpoint([tmp_path])[0] == same
     _set_mtime(same, 0)

@@ -34,7 +34,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_debris(tmp_path):
     with pytest.raises(RuntimeError, match="half-way"):
         atomic_save({"state_dict": {"w": torch.zeros(10_000)}, "bad": _FailsToPickle()}, path)
     assert load_checkpoint(path)["global_step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # and its digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.digest"]  # and its digest
 
 
 def test_the_write_goes_to_a_synced_temporary_file_in_the_target_folder(tmp_path, monkeypatch):

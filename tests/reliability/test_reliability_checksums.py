@@ -1,5 +1,5 @@
 """Checkpoint digests: bytes flipped inside a checkpoint's tensor data load without any error, so
-each file's SHA-256 is recorded in `<name>.sha256` when it is written and checked when `last`
+each file's SHA-256 is recorded in `<name>.digest` when it is written and checked when `last`
 chooses a file and when a file is loaded."""
 
 import hashlib
@@ -18,6 +18,7 @@ from mmkit.checkpoint_io import (
     atomic_save,
     find_resumable_checkpoint,
     load_checkpoint,
+    remove_write_debris,
     resolve_ckpt_path,
     verify_checksum,
 )
@@ -69,8 +70,8 @@ def test_the_sidecar_is_sha256sum_format_and_in_place_before_the_checkpoint_is(t
     atomic_save(_training_ckpt(3), target)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     assert sidecar_at_rename == [[digest]]  # the digest existed before the name did
-    assert (tmp_path / "epoch=0-step=3.ckpt.sha256").read_text() == f"{digest}  {target.name}\n"
-    subprocess.run(["sha256sum", "--check", "--quiet", target.name + ".sha256"], cwd=tmp_path, check=True)
+    assert (tmp_path / "epoch=0-step=3.ckpt.digest").read_text() == f"{digest}  {target.name}\n"
+    subprocess.run(["sha256sum", "--check", "--quiet", target.name + ".digest"], cwd=tmp_path, check=True)
 
 
 def test_a_crash_while_overwriting_a_checkpoint_leaves_one_that_matches_its_sidecar(tmp_path, monkeypatch):
@@ -93,7 +94,7 @@ def test_a_crash_while_overwriting_a_checkpoint_leaves_one_that_matches_its_side
 
     atomic_save(_training_ckpt(3), path)  # the next save leaves only its own digest
     assert checksum.read_sidecar(path) == [checksum.file_digest(path)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.digest"]
 
 
 def test_overwriting_a_checkpoint_written_without_a_digest_keeps_a_crash_safe(tmp_path, monkeypatch):
@@ -126,5 +127,21 @@ def test_a_link_is_checked_as_the_file_it_points_at_and_removal_takes_the_sideca
         AtomicCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")
     AtomicCheckpointIO().remove_checkpoint(real)  # ModelCheckpoint pruning its top-k
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # the dangling link only
-    (tmp_path / "orphan.ckpt.sha256").write_text("00  orphan.ckpt\n")
-    assert checksum.remove_orphan_sidecars(tmp_path) == [tmp_path / "orphan.ckpt.sha256"]
+    (tmp_path / "orphan.ckpt.digest").write_text("00  orphan.ckpt\n")
+    assert checksum.remove_orphan_sidecars(tmp_path) == [tmp_path / "orphan.ckpt.digest"]
+
+
+def test_lightning_still_numbers_slurm_checkpoints_right_next_to_digests_and_write_debris(tmp_path):
+    """Lightning finds `hpc_ckpt_<N>.ckpt` by the digits of every name containing `hpc_ckpt_`."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    atomic_save(_training_ckpt(7), tmp_path / "hpc_ckpt_1.ckpt")
+    assert _CheckpointConnector.hpc_save_path(tmp_path) == str(tmp_path / "hpc_ckpt_2.ckpt")
+    # a SLURM kill during the next save: its temporary file, or its digest before the rename
+    (tmp_path / ".hpc_ckpt_2.ckpt.k3x9q1.tmp").write_bytes(b"partial")
+    (tmp_path / "hpc_ckpt_2.ckpt.digest").write_text("00  hpc_ckpt_2.ckpt\n")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    removed = remove_write_debris(tmp_path)
+    assert sorted(p.name for p in removed) == [".hpc_ckpt_2.ckpt.k3x9q1.tmp", "hpc_ckpt_2.ckpt.digest"]
+    assert _CheckpointConnector.hpc_save_path(tmp_path) == str(tmp_path / "hpc_ckpt_2.ckpt")
+    assert (tmp_path / "notes.tmp").exists() and verify_checksum(tmp_path / "hpc_ckpt_1.ckpt")
