@@ -117,8 +117,9 @@ class MMKitCLI(LightningCLI):
             run_lock.release(folder)
 
     def before_fit(self) -> None:
-        # `--ckpt_path last`: the newest checkpoint that loads, skipping (and naming) broken ones;
-        # an explicit path is checked now, so a broken file fails with its name before training.
+        # `--ckpt_path last`: the checkpoint furthest into training that loads and matches its
+        # digest, skipping (and naming) broken ones; an explicit path is checked now, so a broken
+        # file fails with its name before training.
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer)
         # A resumed fit continues metrics.csv instead of starting it again (mmkit.loggers).
@@ -280,6 +281,8 @@ def export(argv: list[str]) -> None:
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--out", required=True)
     args, overrides = ap.parse_known_args(argv)
+    if Path(args.ckpt_path).is_file():
+        verify_checksum(args.ckpt_path)  # damaged weights must not be exported
     model_cfg: dict = {}
     for path in args.config:
         section = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}

@@ -43,7 +43,8 @@ class StepCheckpoint(Checkpoint):
     ``AtomicCheckpointIO`` when the run starts (DeepSpeed and sharded strategies, which write
     folders of their own, are left alone). Resume with ``mmkit fit ... --ckpt_path last``, which
     picks the checkpoint furthest into training that loads and matches its digest, and skips
-    broken ones. Each file gets a ``<name>.digest`` SHA-256 digest, removed with it when it is pruned.
+    broken ones. Each file gets a SHA-256 digest in ``<name>.digest``, removed with it when it is
+    pruned.
 
     Global rank 0 holds the run folder's lock (``mmkit.run_lock``; the CLI takes it already) for
     the fit, so a second run started in the same folder fails instead of deleting this run's

@@ -145,3 +145,15 @@ def test_lightning_still_numbers_slurm_checkpoints_right_next_to_digests_and_wri
     assert sorted(p.name for p in removed) == [".hpc_ckpt_2.ckpt.k3x9q1.tmp", "hpc_ckpt_2.ckpt.digest"]
     assert _CheckpointConnector.hpc_save_path(tmp_path) == str(tmp_path / "hpc_ckpt_2.ckpt")
     assert (tmp_path / "notes.tmp").exists() and verify_checksum(tmp_path / "hpc_ckpt_1.ckpt")
+
+
+def test_export_refuses_a_damaged_checkpoint(tmp_path):
+    from mmkit.cli import main
+
+    damaged = tmp_path / "epoch=0-step=3.ckpt"
+    atomic_save(_training_ckpt(3), damaged)
+    _flip_a_weight_byte(damaged)
+    recipe = Path(__file__).parents[2] / "recipes" / "default.yaml"
+    with pytest.raises(CheckpointLoadError, match=rf"{damaged}.*sha256"):
+        main(["export", "--config", str(recipe), "--ckpt_path", str(damaged), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
