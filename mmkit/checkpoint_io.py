@@ -7,7 +7,9 @@ Lightning's own writer serialises to memory and then moves a temporary file from
 temp folder into place; when that folder is on another filesystem (a node-local /tmp, checkpoints
 on NFS or Lustre) the move is a copy, and a job killed during it leaves a truncated checkpoint
 under the final name. Here the temporary file lives next to the target, is fsynced, and replaces
-it with one ``os.replace``: a reader sees the old file or the new one, never a part.
+it with one ``os.replace``: a reader sees the old file or the new one, never a part. Its SHA-256
+digest goes into a sidecar file first (``mmkit.checksum``), so damage to the bytes after the write
+is caught when the checkpoint is chosen or loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from mmkit import checksum
+from mmkit.checksum import fsync_dir as _fsync_dir
 from mmkit.safe_unpickle import CheckpointLoadError, load_error, torch_load  # noqa: F401  (CheckpointLoadError: re-exported)
 from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint, verify_sharded_checkpoint
 
@@ -33,21 +37,22 @@ FOLDER_KINDS = {"distributed": "an FSDP2 (torch.distributed.checkpoint) folder",
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``: write a temporary
-    file in the same folder, fsync it, ``os.replace`` it onto ``path``, fsync the folder."""
+    file in the same folder, fsync it, record its SHA-256 in ``<path>.digest``, ``os.replace`` it
+    onto ``path``, fsync the folder (see ``checksum.replace_with_digest`` for the order)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = checksum.HashingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
+        checksum.replace_with_digest(tmp, path, writer.hexdigest())  # fsyncs the folder
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)  # the rename itself survives a power loss
 
 
 def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
@@ -61,13 +66,19 @@ def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
     _fsync_dir(link.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened or synced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def remove_write_debris(folder: str | os.PathLike) -> list[Path]:
+    """Delete what a process killed while writing checkpoints into ``folder`` left: temporary
+    files (``.<name>.ckpt.<random>.tmp``, also of links and digests) and digests whose checkpoint
+    is gone. Only for the holder of the run folder's lock (``mmkit.run_lock``): another run's write
+    in progress looks the same. Lightning reads the digits of every name containing ``hpc_ckpt_``
+    in ``default_root_dir`` to find SLURM's checkpoint, so such leftovers there break a requeue."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = list(folder.glob(f".*.ckpt*{TEMP_SUFFIX}"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed + checksum.remove_orphan_sidecars(folder)
 
 
 def load_checkpoint(
@@ -173,11 +184,15 @@ def _check_sharded(folder: Path) -> dict[str, Any]:
 def find_resumable_checkpoint(
     folders: Iterable[str | os.PathLike], recursive: bool = True, folder_kinds: Collection[str] = tuple(FOLDER_KINDS)
 ) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest (by modification time) ``*.ckpt`` under ``folders`` that loads with
-    ``weights_only=True``, and the newer ones skipped with the reason. ``(None, skipped)`` when
-    none is usable. Links (``last.ckpt``) count once, as the file they point at. A ``*.ckpt``
-    folder (FSDP2 or DeepSpeed shards) counts by the time of the file written last into it, and
-    is usable if it is one of ``folder_kinds`` and every pickle in it loads without running code."""
+    """The ``*.ckpt`` under ``folders`` that is furthest into training (``training_progress``;
+    modification time only breaks ties) and loads with ``weights_only=True`` and matches its
+    recorded digest, and the ones skipped with the reason: every file that does not load (its
+    step cannot be known), and those further into training whose digest does not match.
+    ``(None, skipped)`` when none is usable. Links (``last.ckpt``) count once, as the file they
+    point at. A ``*.ckpt`` folder (FSDP2 or DeepSpeed shards) counts by the time of the file
+    written last into it; a DeepSpeed folder records no step here, so it ranks below any file that
+    does (a run writes one kind or the other). A folder is usable only if it is one of
+    ``folder_kinds`` and every pickle in it loads without running code."""
     seen: dict[Path, float] = {}
     for folder in folders:
         folder = Path(folder)
@@ -190,10 +205,19 @@ def find_resumable_checkpoint(
                     seen[real] = real.stat().st_mtime_ns
                 elif real.is_dir() and (marker := _sharded_marker(real)) is not None:
                     seen[real] = (marker if marker.is_file() else real).stat().st_mtime_ns
+    # Modification times say little: `cp -r`, rsync or a restore from backup rewrite them. What a
+    # checkpoint records about its own position in training does not change with the copy.
     skipped: list[tuple[Path, str]] = []
+    ranked = []
     for path in sorted(seen, key=lambda p: (seen[p], p.name), reverse=True):
         try:
-            check_resumable(path, folder_kinds)
+            ranked.append((training_progress(check_resumable(path, folder_kinds)), seen[path], path.name, path))
+        except (CheckpointLoadError, OSError) as e:
+            skipped.append((path, str(e)))
+    # Hashing reads the whole file: only the best candidates are hashed, until one matches.
+    for *_, path in sorted(ranked, reverse=True):
+        try:
+            verify_checksum(path)
         except (CheckpointLoadError, OSError) as e:
             skipped.append((path, str(e)))
             continue
@@ -201,10 +225,38 @@ def find_resumable_checkpoint(
     return None, skipped
 
 
+def training_progress(ckpt: dict[str, Any]) -> tuple[int, ...]:
+    """Where in training a Lightning checkpoint was written, for ordering: global step, epoch, then
+    the fit loop's batch and epoch counters (they tell apart checkpoints of one global step: the
+    end of a batch and the end of its epoch, micro-batches of gradient accumulation). -1 for what
+    the checkpoint does not record."""
+    fit_loop = (ckpt.get("loops") or {}).get("fit_loop") or {}
+    batches = (fit_loop.get("epoch_loop.batch_progress") or {}).get("total") or {}
+    epochs = (fit_loop.get("epoch_progress") or {}).get("total") or {}
+    values = (ckpt.get("global_step"), ckpt.get("epoch"), batches.get("completed"), batches.get("processed"),
+              epochs.get("processed"), epochs.get("completed"))
+    return tuple(int(v) if isinstance(v, (int, float)) else -1 for v in values)
+
+
+def verify_checksum(path: str | os.PathLike) -> bool:
+    """Check a checkpoint file against the digest recorded when it was written (``<path>.digest``,
+    see ``mmkit.checksum``); raise ``CheckpointLoadError`` naming the file when its bytes changed.
+    A file without a sidecar (written before mmkit recorded digests, or not by ``atomic_save``:
+    Lightning's own writer, a remote store) passes unchecked: returns False. A folder (sharded
+    checkpoint) has no digest either."""
+    if Path(path).is_dir():
+        return False
+    try:
+        return checksum.verify(path)
+    except checksum.ChecksumMismatch as e:
+        raise CheckpointLoadError(f"checkpoint {path} is corrupt: {e}") from e
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning ``CheckpointIO`` writing local checkpoints with ``atomic_save`` and loading them
-    with ``weights_only=True`` unless told otherwise. Remote paths (s3://, gs://, ...) go through
-    Lightning's writer: an object store replaces an object whole anyway."""
+    """Lightning ``CheckpointIO`` writing local checkpoints with ``atomic_save`` (with a digest
+    sidecar) and loading them with ``weights_only=True`` unless told otherwise, after checking the
+    digest (skipped for files without one, see ``verify_checksum``). Remote paths (s3://, gs://,
+    ...) go through Lightning's writer: an object store replaces an object whole anyway."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
@@ -214,7 +266,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None):
         if not _is_local_file_protocol(path):
             return super().load_checkpoint(path, map_location, weights_only)
-        return load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
+        checkpoint = load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
+        verify_checksum(path)  # after the load: a truncated file is named as such, not as a mismatch
+        return checkpoint
+
+    def remove_checkpoint(self, path) -> None:
+        if not _is_local_file_protocol(path) or Path(path).is_dir():
+            return super().remove_checkpoint(path)
+        checksum.remove_with_sidecar(path)  # ModelCheckpoint's top-k removals
 
 
 def checkpoint_folders(trainer: Any) -> list[Path]:
@@ -233,12 +292,13 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
-    """What ``fit(ckpt_path=...)`` should load. ``"last"``: the newest checkpoint of this run that
-    loads (``find_resumable_checkpoint`` over ``checkpoint_folders``), reporting the broken ones
-    it skipped; None when the run has none yet (a first start and a restart use the same command).
-    A file path is checked first, so a broken file fails with its name before training starts.
-    Sharded folders count only where the trainer's strategy loads their kind, and only once every
-    pickle in them is checked. Other values (None, "best", "hpc", remote URLs) are left to Lightning."""
+    """What ``fit(ckpt_path=...)`` should load. ``"last"``: the checkpoint of this run furthest into
+    training that loads and matches its digest (``find_resumable_checkpoint`` over
+    ``checkpoint_folders``), reporting the broken ones it skipped; None when the run has none yet
+    (a first start and a restart use the same command). A file path is checked first (it loads,
+    its digest matches), so a broken file fails with its name before training starts. Other values
+    (None, "best", "hpc", remote URLs) are left to Lightning. Sharded folders count only where the
+    trainer's strategy loads their kind, and only once every pickle in them is checked."""
     kinds = loadable_folder_kinds(getattr(trainer, "strategy", None))
     if ckpt_path == "last":
         path, skipped = find_resumable_checkpoint(checkpoint_folders(trainer), recursive=False, folder_kinds=kinds)
@@ -256,6 +316,7 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: Any) -> str | None:
         return str(path)
     if ckpt_path and ckpt_path not in ("best", "hpc") and _is_local_file_protocol(ckpt_path):
         check_resumable(ckpt_path, kinds)  # a folder: a finished sharded checkpoint of the strategy's kind
+        verify_checksum(ckpt_path)
     return ckpt_path
 
 

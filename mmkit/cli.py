@@ -21,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
+from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
@@ -30,8 +31,11 @@ from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
 from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
 from mmkit.callbacks.throughput import Throughput  # noqa: E402
-from mmkit.checkpoint_io import CheckpointLoadError, load_checkpoint, resolve_ckpt_path  # noqa: E402
+from mmkit import run_lock  # noqa: E402
+from mmkit.checkpoint_io import CheckpointLoadError, load_checkpoint, remove_write_debris, resolve_ckpt_path, verify_checksum  # noqa: E402
+from mmkit.checksum import remove_with_sidecar  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
+from mmkit.loggers import CSVLogger as ContinuingCSVLogger  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
 from mmkit.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
 from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
@@ -74,6 +78,7 @@ class MMKitCLI(LightningCLI):
             verify_sharded_checkpoint(ckpt_path)
         if ckpt_path and Path(ckpt_path).is_file():
             hparams = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+            verify_checksum(ckpt_path)  # also for validate/test/predict, whose CheckpointIO is Lightning's
             differing = checkpoint_differences(hparams, self.config[subcommand].get("model"))
             if differing and rank_zero_only.rank == 0:
                 print(f"mmkit: {ckpt_path} was trained with other values of {', '.join(differing)}; "
@@ -92,6 +97,8 @@ class MMKitCLI(LightningCLI):
             self.eval_dir = redirect_eval_outputs(config, self.subcommand)
         elif config.get("eval_dir"):
             raise ValueError("--eval_dir is for validate, test and predict; fit writes to trainer.default_root_dir")
+        if self.subcommand == "fit":
+            continue_csv_logs(config)
 
     def after_instantiate_classes(self) -> None:
         if self.eval_dir is not None and self.trainer.is_global_zero:
@@ -99,11 +106,33 @@ class MMKitCLI(LightningCLI):
             print(f"mmkit: {self.subcommand} writes to {self.eval_dir}", flush=True)
             os.environ[EVAL_DIR_ENV] = self.eval_dir  # for the ranks Lightning launches next
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A fit locks its run folder (global rank 0) from before `--ckpt_path last` is resolved to
+        # after the test that follows it, so a second fit there stops before it reads or writes
+        # anything. validate/test/predict write to an eval folder of their own: no lock.
+        if subcommand != "fit" or not self.trainer.is_global_zero:
+            return super()._run_subcommand(subcommand)
+        folder = run_lock.acquire(self.trainer.default_root_dir)
+        try:
+            # before Lightning looks for SLURM's hpc_ckpt_<N> there (the digits of every such name)
+            remove_write_debris(folder)
+            super()._run_subcommand(subcommand)
+        finally:
+            run_lock.release(folder)
+
     def before_fit(self) -> None:
-        # `--ckpt_path last`: the newest checkpoint that loads, skipping (and naming) broken ones;
-        # an explicit path is checked now, so a broken file fails with its name before training.
+        # `--ckpt_path last`: the checkpoint furthest into training that loads and matches its
+        # digest, skipping (and naming) broken ones; an explicit path is checked now, so a broken
+        # file fails with its name before training.
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer)
+        # A resumed fit continues metrics.csv instead of starting it again (mmkit.loggers).
+        connector = self.trainer._checkpoint_connector
+        resuming = config["ckpt_path"] is not None or (
+            SLURMEnvironment.detect() and connector._hpc_resume_path is not None)  # Lightning loads it by itself
+        for logger in self.trainer.loggers:
+            if isinstance(logger, ContinuingCSVLogger):
+                logger.resuming = bool(resuming)
 
     def after_fit(self) -> None:
         # A finished fit makes SLURM preemption checkpoints stale; left in place, Lightning would
@@ -177,6 +206,15 @@ def redirect_eval_outputs(config: Namespace, subcommand: str) -> str:
     return folder
 
 
+def continue_csv_logs(config: Namespace) -> None:
+    """A fit's Lightning ``CSVLogger`` becomes ``mmkit.loggers.CSVLogger`` (a subclass, same
+    arguments), which keeps the rows of ``metrics.csv`` when the fit resumes."""
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    for logger in loggers:
+        if isinstance(logger, Namespace) and _import(logger.get("class_path") or "") is CSVLogger:
+            logger.class_path = f"{ContinuingCSVLogger.__module__}.{ContinuingCSVLogger.__name__}"
+
+
 def new_eval_dir(root: str | Path, subcommand: str) -> str:
     """``<root>/eval/<subcommand>-<YYYYmmdd-HHMMSS>``, with ``-1``, ``-2``, ... if that exists."""
     base = os.path.join(str(root), "eval", f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -228,7 +266,7 @@ def _plain(value: Any) -> Any:
 def remove_hpc_checkpoints(root: str | Path) -> list[Path]:
     removed = sorted(Path(root).glob("hpc_ckpt_*.ckpt"))
     for path in removed:
-        path.unlink()
+        remove_with_sidecar(path)
         print(f"mmkit: fit finished; removed the preemption checkpoint {path}")
     return removed
 
@@ -247,6 +285,8 @@ def export(argv: list[str]) -> None:
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--out", required=True)
     args, overrides = ap.parse_known_args(argv)
+    if Path(args.ckpt_path).is_file():
+        verify_checksum(args.ckpt_path)  # damaged weights must not be exported
     model_cfg: dict = {}
     for path in args.config:
         section = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
@@ -312,7 +352,12 @@ def main(argv: list[str] | None = None) -> None:
     if words and words[0] == "export":
         export(words[1:])
         return
-    run_cli(argv)
+    try:
+        run_cli(argv)
+    except run_lock.RunFolderLocked as e:
+        if argv is not None:  # called from Python: the caller gets the exception
+            raise
+        sys.exit(str(e))  # the `mmkit` command: the message and status 1, no traceback
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmkit import distributed as D
-from mmkit.checkpoint_io import TEMP_SUFFIX, AtomicCheckpointIO, atomic_symlink
+from mmkit import run_lock
+from mmkit.checkpoint_io import AtomicCheckpointIO, atomic_symlink, remove_write_debris
+from mmkit.checksum import remove_with_sidecar
 from mmkit.config_checks import Range, check_settings
 
 _NAME = re.compile(r"^epoch=(\d+)-step=(\d+)\.ckpt$")
@@ -41,7 +43,13 @@ class StepCheckpoint(Checkpoint):
     ``mmkit.checkpoint_io``): the strategy's plain ``TorchCheckpointIO`` is replaced by
     ``AtomicCheckpointIO`` when the run starts (DeepSpeed and sharded strategies, which write
     folders of their own, are left alone). Resume with ``mmkit fit ... --ckpt_path last``, which
-    picks the newest checkpoint that loads and skips broken ones.
+    picks the checkpoint furthest into training that loads and matches its digest, and skips
+    broken ones. Each file gets a SHA-256 digest in ``<name>.digest``, removed with it when it is
+    pruned.
+
+    Global rank 0 holds the run folder's lock (``mmkit.run_lock``; the CLI takes it already) for
+    the fit, so a second run started in the same folder fails instead of deleting this run's
+    temporary files and checkpoints; only the lock holder cleans up what a killed run left.
 
     Preemption: SIGTERM (scancel, Kubernetes, ``timeout``) and SIGUSR1 (or the requeue signal of a
     ``SLURMEnvironment``) set a flag; at the end of the current training step every rank agrees,
@@ -90,6 +98,7 @@ class StepCheckpoint(Checkpoint):
         self._signal_received: int | None = None
         self._previous_handler: Any = None
         self._handled_signal: int | None = None
+        self._locked: Path | None = None
 
     @property
     def preemption_signal(self) -> int | None:
@@ -105,8 +114,11 @@ class StepCheckpoint(Checkpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.is_global_zero:
-            for stale in Path(self.dirpath).glob(f".*{TEMP_SUFFIX}"):  # left by a kill during a write
-                stale.unlink(missing_ok=True)
+            # A second run in this folder fails here (a plain Trainer; under the CLI the lock is
+            # already held): with the lock, every temporary file is a dead writer's.
+            self._locked = run_lock.acquire(trainer.default_root_dir)
+            for folder in dict.fromkeys([self.dirpath, str(trainer.default_root_dir)]):  # hpc_ckpt_* go there
+                remove_write_debris(folder)  # left by a kill during a write or a pruning
         if self.save_on_preemption:
             self._install_handler(trainer)
 
@@ -140,8 +152,14 @@ class StepCheckpoint(Checkpoint):
             signal.signal(self._handled_signal, self._previous_handler or signal.SIG_DFL)
         self._handled_signal = None
 
+    def _release_lock(self) -> None:
+        if self._locked is not None:
+            run_lock.release(self._locked)
+            self._locked = None
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handler()
+        self._release_lock()
 
     # -- saving ------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -163,6 +181,12 @@ class StepCheckpoint(Checkpoint):
         # Lightning stops by itself on a SIGTERM that arrives after our end-of-step check (during
         # validation, say); it stops between steps, so the state is still a consistent one to save.
         self._restore_handler()
+        try:
+            self._maybe_save_on_exception(trainer, exception)
+        finally:
+            self._release_lock()  # Lightning does not call `teardown` after an exception
+
+    def _maybe_save_on_exception(self, trainer: L.Trainer, exception: BaseException) -> None:
         if (
             self.save_on_preemption
             and isinstance(exception, SIGTERMException)
@@ -200,7 +224,7 @@ class StepCheckpoint(Checkpoint):
         # line of training is what must be kept).
         ours.sort(reverse=True)
         for _, _, p in ours[self.keep_last :]:
-            p.unlink(missing_ok=True)
+            remove_with_sidecar(p)
 
     # -- preemption --------------------------------------------------------------------------
     def _agreed_signal(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:

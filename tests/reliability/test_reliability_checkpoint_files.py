@@ -34,7 +34,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_debris(tmp_path):
     with pytest.raises(RuntimeError, match="half-way"):
         atomic_save({"state_dict": {"w": torch.zeros(10_000)}, "bad": _FailsToPickle()}, path)
     assert load_checkpoint(path)["global_step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.digest"]  # and its digest
 
 
 def test_the_write_goes_to_a_synced_temporary_file_in_the_target_folder(tmp_path, monkeypatch):
@@ -48,9 +48,10 @@ def test_the_write_goes_to_a_synced_temporary_file_in_the_target_folder(tmp_path
     AtomicCheckpointIO().save_checkpoint(_training_ckpt(3), target)
     kinds = [e[0] for e in events]
     assert kinds.index("fsync") < kinds.index("replace")  # data on disk before the name points at it
-    (_, src, dst), = [e for e in events if e[0] == "replace"]
+    (_, src, dst), = [e for e in events if e[0] == "replace" and e[2] == target]  # (the other: its digest)
     assert dst == target and src.parent == target.parent and src.name.startswith(".") and not src.name.endswith(".ckpt")
-    assert kinds.count("fsync") == 2  # the file, then the folder (the rename)
+    ckpt_replace = events.index(("replace", src, dst))
+    assert [e[0] for e in events[ckpt_replace:]] == ["replace", "fsync"]  # the folder (the rename) last
     assert load_checkpoint(target)["global_step"] == 3
 
 
@@ -75,7 +76,7 @@ def test_pickled_objects_are_refused_by_weights_only_loading(tmp_path):
         load_checkpoint(path)
 
 
-def test_last_takes_the_newest_checkpoint_that_loads_and_names_the_skipped_ones(tmp_path):
+def test_last_takes_the_furthest_checkpoint_that_loads_and_names_the_skipped_ones(tmp_path):
     run = tmp_path / "checkpoints"
     paths = [run / f"epoch=0-step={s}.ckpt" for s in (5, 10, 15)]
     for i, path in enumerate(paths):
@@ -87,13 +88,13 @@ def test_last_takes_the_newest_checkpoint_that_loads_and_names_the_skipped_ones(
     zero = run / "epoch=0-step=20.ckpt"
     zero.write_bytes(b"")
     os.utime(zero, ns=(10**18 + 4 * 10**9,) * 2)
-    (run / "not-a-training-checkpoint.ckpt").write_bytes(b"")  # oldest: never reached
+    (run / "not-a-training-checkpoint.ckpt").write_bytes(b"")  # oldest, but its step is unknown: named too
     os.utime(run / "not-a-training-checkpoint.ckpt", ns=(10**17,) * 2)
     os.symlink(zero.name, run / "last.ckpt")  # a link counts as the file it points at
 
     path, skipped = find_resumable_checkpoint([tmp_path], recursive=True)
     assert path == paths[1].resolve()
-    assert [p.name for p, _ in skipped] == [zero.name, newest.name]
+    assert [p.name for p, _ in skipped] == [zero.name, newest.name, "not-a-training-checkpoint.ckpt"]
     assert all(str(p) in reason and "truncated or corrupt" in reason for p, reason in skipped)
     assert find_resumable_checkpoint([tmp_path / "nowhere"]) == (None, [])
 

@@ -45,7 +45,7 @@ def _copy(cli_run, tmp_path):
 
 
 def test_interval_and_epoch_end_checkpoints_load_with_weights_only(cli_run):
-    names = sorted(p.name for p in (cli_run / "checkpoints").iterdir())
+    names = sorted(p.name for p in (cli_run / "checkpoints").iterdir() if p.suffix != ".digest")
     assert names == ["epoch=0-step=10.ckpt", "epoch=0-step=12.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
     assert (cli_run / "checkpoints" / "last.ckpt").resolve().name == "epoch=0-step=12.ckpt"
     for path in (cli_run / "checkpoints").glob("epoch=*.ckpt"):
@@ -66,8 +66,9 @@ def test_only_the_last_k_are_kept_and_writes_are_atomic(tiny_arch, tmp_path):
                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
     trainer.fit(module, datamodule=dm)
     # saved at steps 3, 5 (epoch end), 6, 9, 10 (epoch end): the newest two remain
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "epoch=1-step=10.ckpt", "epoch=1-step=9.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [  # each with its digest
+        "epoch=1-step=10.ckpt", "epoch=1-step=10.ckpt.digest", "epoch=1-step=9.ckpt", "epoch=1-step=9.ckpt.digest",
+        "last.ckpt"]
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
