@@ -285,9 +285,10 @@ def test_last_skips_sharded_folders_a_one_device_run_cannot_load(genuine_fsdp2, 
 
     _, fsdp2 = genuine_fsdp2
     run = fsdp2.parent
-    good = run / "epoch=0-step=4.ckpt"
-    atomic_save({"state_dict": {}, "global_step": 4, "loops": {}}, good)
-    os.utime(good, ns=(10**18, 10**18))  # older than the folders
+    good = run / "epoch=0-step=0.ckpt"
+    # Behind the FSDP2 folder in training (and older): under FSDP2 the folder is the one to resume.
+    atomic_save({"state_dict": {}, "global_step": 0, "loops": {}}, good)
+    os.utime(good, ns=(10**18, 10**18))
     unfinished = run / "zzz.ckpt"
     unfinished.mkdir()
     (unfinished / "__0_0.distcp").write_bytes(b"shards")
