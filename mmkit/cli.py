@@ -7,25 +7,20 @@ model's transforms and tokenizer are linked into the data module when both are i
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 # Offline by construction: nothing may be fetched from a model hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
-from jsonargparse import Namespace  # noqa: E402
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
-from lightning.fabric.utilities.cloud_io import get_filesystem  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
@@ -37,14 +32,13 @@ from mmkit.checksum import remove_with_sidecar  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.loggers import CSVLogger as ContinuingCSVLogger  # noqa: E402
 from mmkit.modules.base import DualEncoderModule  # noqa: E402
+from mmkit.run_config import (  # noqa: E402
+    EVAL_DIR_ENV, EVAL_SUBCOMMANDS, SaveRunConfig, checkpoint_differences, claim_eval_dir, continue_csv_logs,
+    redirect_eval_outputs,
+)
 from mmkit.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
 from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
 
-EVAL_SUBCOMMANDS = ("validate", "test", "predict")
-# The eval folder rank zero chose, for the processes Lightning launches for the other local ranks
-# (each runs this CLI again and must not pick a folder of its own). Read only where LOCAL_RANK > 0:
-# in the launching process itself the value may be left from an earlier run in the same process.
-EVAL_DIR_ENV = "MMKIT_EVAL_DIR"
 
 
 class MMKitCLI(LightningCLI):
@@ -147,120 +141,6 @@ class MMKitCLI(LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(c, EmbeddingWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
-
-
-class SaveRunConfig(SaveConfigCallback):
-    """Saves the run's resolved config as ``config.yaml``: a fit's into its log folder, with
-    ``ckpt_path`` left out (a later ``mmkit validate --config <run>/config.yaml`` must not load a
-    checkpoint unasked); validate/test/predict's into their own eval folder (their
-    ``default_root_dir``, see :func:`redirect_eval_outputs`), with the checkpoint they evaluated."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.already_saved:
-            return
-        fit = stage == "fit"
-        folder = trainer.log_dir if fit else trainer.default_root_dir  # log_dir is a collective: every rank asks
-        if trainer.is_global_zero:
-            config = self.config.clone()
-            if fit:
-                config.ckpt_path = None
-            get_filesystem(folder).makedirs(folder, exist_ok=True)
-            self.parser.save(config, os.path.join(folder, self.config_filename), skip_unset=False,
-                             overwrite=self.overwrite, multifile=self.multifile)
-        self.already_saved = True
-
-
-def checkpoint_differences(hparams: dict[str, Any], model_config: Namespace | None) -> list[str]:
-    """The ``model`` keys whose value in a checkpoint's ``hyper_parameters`` differs from the
-    config's (``model.class_path``, ``model.init_args.<name>``)."""
-    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
-    class_path = hparams.pop("_class_path", None)  # written by LightningCLI's instantiator
-    model_config = model_config or Namespace()
-    differing = []
-    if class_path and _import(class_path) is not _import(model_config.get("class_path") or ""):
-        differing.append("model.class_path")
-    init_args = model_config.get("init_args") or Namespace()
-    for key, value in hparams.items():
-        if key not in init_args or _plain(init_args[key]) != _plain(value):
-            differing.append(f"model.init_args.{key}")
-    return differing
-
-
-def redirect_eval_outputs(config: Namespace, subcommand: str) -> str:
-    """Point everything a validate/test/predict run writes at a folder of its own, so that it
-    never overwrites a fit's ``metrics.csv``, ``config.yaml`` or anything else: ``--eval_dir``, or
-    a new ``<trainer.default_root_dir>/eval/<subcommand>-<time>[-N]``. Sets that folder as the
-    run's ``default_root_dir`` and as the ``save_dir`` of its CSV and TensorBoard loggers (with
-    no name/version subfolders). Other loggers (W&B, MLflow, ...) start runs of their own anyway.
-    Returns the folder; nothing is created here (see :func:`claim_eval_dir`)."""
-    trainer = config.trainer
-    inherited = os.environ.get(EVAL_DIR_ENV) if int(os.environ.get("LOCAL_RANK") or 0) > 0 else None
-    folder = config.get("eval_dir") or inherited or new_eval_dir(trainer.default_root_dir or os.getcwd(), subcommand)
-    trainer.default_root_dir = folder
-    loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-    for logger in loggers:
-        if isinstance(logger, Namespace) and _is_subclass(logger.get("class_path"), (CSVLogger, TensorBoardLogger)):
-            if logger.get("init_args") is None:
-                logger.init_args = Namespace()
-            logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = folder, "", ""
-    return folder
-
-
-def continue_csv_logs(config: Namespace) -> None:
-    """A fit's Lightning ``CSVLogger`` becomes ``mmkit.loggers.CSVLogger`` (a subclass, same
-    arguments), which keeps the rows of ``metrics.csv`` when the fit resumes."""
-    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    for logger in loggers:
-        if isinstance(logger, Namespace) and _import(logger.get("class_path") or "") is CSVLogger:
-            logger.class_path = f"{ContinuingCSVLogger.__module__}.{ContinuingCSVLogger.__name__}"
-
-
-def new_eval_dir(root: str | Path, subcommand: str) -> str:
-    """``<root>/eval/<subcommand>-<YYYYmmdd-HHMMSS>``, with ``-1``, ``-2``, ... if that exists."""
-    base = os.path.join(str(root), "eval", f"{subcommand}-{time.strftime('%Y%m%d-%H%M%S')}")
-    fs = get_filesystem(base)
-    folder, n = base, 0
-    while fs.exists(folder):
-        n += 1
-        folder = f"{base}-{n}"
-    return folder
-
-
-def claim_eval_dir(folder: str, fresh: bool) -> None:
-    """Create the eval folder (global rank zero). A chosen ``fresh`` name must still be free; a
-    folder given with ``--eval_dir`` may exist but must be empty."""
-    fs = get_filesystem(folder)
-    if fs.exists(folder) and (fresh or fs.ls(folder)):
-        raise FileExistsError(
-            f"mmkit: {folder} was created by another run meanwhile; run again" if fresh else
-            f"mmkit: --eval_dir {folder} already holds files; give a new or empty folder "
-            "(or leave --eval_dir out for a new one under <default_root_dir>/eval/)"
-        )
-    fs.makedirs(folder, exist_ok=True)
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return path  # compared as a name
-
-
-def _is_subclass(path: str | None, classes: tuple[type, ...]) -> bool:
-    cls = _import(path) if isinstance(path, str) else None
-    return isinstance(cls, type) and issubclass(cls, classes)
-
-
-def _plain(value: Any) -> Any:
-    """A config or hyperparameter value as plain data (tuples as lists, namespaces as dicts)."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def remove_hpc_checkpoints(root: str | Path) -> list[Path]:

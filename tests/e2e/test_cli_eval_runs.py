@@ -179,7 +179,7 @@ def test_validate_with_the_fit_config_loads_no_checkpoint(fitted, monkeypatch):
 def test_eval_folder_choice_logger_redirect_and_claim(tmp_path, monkeypatch):
     from jsonargparse import Namespace
 
-    from mmkit.cli import EVAL_DIR_ENV, claim_eval_dir, redirect_eval_outputs
+    from mmkit.run_config import EVAL_DIR_ENV, claim_eval_dir, redirect_eval_outputs
 
     def config(**extra):
         csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
@@ -187,7 +187,7 @@ def test_eval_folder_choice_logger_redirect_and_claim(tmp_path, monkeypatch):
         other = Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger", init_args=Namespace(save_dir="./mlruns"))
         return Namespace(trainer=Namespace(default_root_dir=str(tmp_path), logger=[csv, other]), eval_dir=None, **extra)
 
-    monkeypatch.setattr("mmkit.cli.time.strftime", lambda fmt: "20260101-000000")  # all in one second
+    monkeypatch.setattr("mmkit.run_config.time.strftime", lambda fmt: "20260101-000000")  # all in one second
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv(EVAL_DIR_ENV, "/stale/from/an/earlier/run")  # only a launched rank reads it
     cfg = config()
@@ -218,7 +218,7 @@ def test_eval_folder_choice_logger_redirect_and_claim(tmp_path, monkeypatch):
 def test_checkpoint_differences_name_the_keys():
     from jsonargparse import Namespace
 
-    from mmkit.cli import checkpoint_differences
+    from mmkit.run_config import checkpoint_differences
 
     model = Namespace(class_path="mmkit.CLIPPretrain",
                       init_args=Namespace(lr=1e-3, betas=(0.9, 0.98), zero_shot_classes=["a", "b"]))
