@@ -26,11 +26,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from mmkit import checksum
+from mmkit.checksum import TEMP_SUFFIX
 from mmkit.checksum import fsync_dir as _fsync_dir
 from mmkit.safe_unpickle import CheckpointLoadError, load_error, torch_load  # noqa: F401  (CheckpointLoadError: re-exported)
 from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint, verify_sharded_checkpoint
 
-TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never matched by "*.ckpt"
 # The kinds of sharded checkpoint folder, and what they are called in messages.
 FOLDER_KINDS = {"distributed": "an FSDP2 (torch.distributed.checkpoint) folder", "deepspeed": "a DeepSpeed folder"}
 

@@ -26,7 +26,7 @@ from typing import BinaryIO
 ALGORITHM = "sha256"
 SUFFIX = ".digest"  # no digits in it: see above
 BLOCK = 1 << 20
-_TEMP_SUFFIX = ".tmp"  # as mmkit.checkpoint_io.TEMP_SUFFIX (not imported: that module imports this one)
+TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp": never matched by "*.ckpt"
 
 
 class ChecksumMismatch(Exception):
@@ -77,7 +77,7 @@ def write_sidecar(path: str | os.PathLike, digests: list[str]) -> None:
     """Write the sidecar of ``path`` atomically (temporary file, fsync, rename, folder fsync)."""
     path = Path(path)
     side = sidecar_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.writelines(f"{d}  {path.name}\n" for d in digests)

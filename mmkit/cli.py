@@ -40,7 +40,6 @@ from mmkit.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
 from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
 
 
-
 class MMKitCLI(LightningCLI):
     eval_dir: str | None = None  # validate/test/predict: the folder everything the run writes goes to
 

@@ -118,7 +118,9 @@ class BadSampleCallback(Callback):
             return
         counts = distributed.all_reduce_sum(torch.tensor([local.seen, local.skipped], dtype=torch.long, device=pl_module.device))
         total = BadSampleTracker(max_reasons=self.tracker.max_reasons)
-        reasons = [r for rank_reasons in distributed.all_gather_object(local.reasons) for r in rank_reasons]
+        reasons: list[str] = []
+        if int(counts[1]):  # the same on every rank: all gather, or none does
+            reasons = [r for rank_reasons in distributed.all_gather_object(local.reasons) for r in rank_reasons]
         total.add(seen=int(counts[0]), skipped=int(counts[1]), reasons=reasons)
         if total.skipped:
             pl_module.log_dict({f"{split}/data_skipped": float(total.skipped), f"{split}/data_skipped_fraction": total.fraction},
