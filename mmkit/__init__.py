@@ -7,11 +7,11 @@ __version__ = "0.1.0"
 # The five techniques, imported on first use: `import mmkit.losses` (e.g. in a spawned worker)
 # should not pay for Lightning.
 _MODULES = {
-    "CLIPPretrain": "mmkit.modules.clip_pretrain",
-    "MetricAlign": "mmkit.modules.metric_align",
-    "AlignGAN": "mmkit.modules.align_gan",
-    "EWCIncremental": "mmkit.modules.ewc_incremental",
-    "KDStudent": "mmkit.modules.kd_student",
+    "CLIPPretrain": "mmkit.techniques.clip_pretrain",
+    "MetricAlign": "mmkit.techniques.metric_align",
+    "AlignGAN": "mmkit.techniques.align_gan",
+    "EWCIncremental": "mmkit.techniques.ewc_incremental",
+    "KDStudent": "mmkit.techniques.kd_student",
 }
 __all__ = [*_MODULES, "__version__"]
 

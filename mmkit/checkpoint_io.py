@@ -1,6 +1,6 @@
 """Checkpoint files that survive a crash: atomic writes, ``weights_only`` loading with errors that
 name the file, and finding the newest checkpoint that is complete, loads without running code
-(sharded folders: every pickle checked, see ``mmkit.sharded_checkpoint``) and that the run's
+(sharded folders: every pickle checked, see ``mmkit.parallel.sharded_checkpoint``) and that the run's
 strategy can load.
 
 Lightning's own writer serialises to memory and then moves a temporary file from the system's
@@ -29,7 +29,7 @@ from mmkit import checksum
 from mmkit.checksum import TEMP_SUFFIX
 from mmkit.checksum import fsync_dir as _fsync_dir
 from mmkit.safe_unpickle import CheckpointLoadError, load_error, torch_load  # noqa: F401  (CheckpointLoadError: re-exported)
-from mmkit.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint, verify_sharded_checkpoint
+from mmkit.parallel.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint, verify_sharded_checkpoint
 
 # The kinds of sharded checkpoint folder, and what they are called in messages.
 FOLDER_KINDS = {"distributed": "an FSDP2 (torch.distributed.checkpoint) folder", "deepspeed": "a DeepSpeed folder"}

@@ -31,13 +31,13 @@ from mmkit.checkpoint_io import CheckpointLoadError, load_checkpoint, remove_wri
 from mmkit.checksum import remove_with_sidecar  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.loggers import CSVLogger as ContinuingCSVLogger  # noqa: E402
-from mmkit.modules.base import DualEncoderModule  # noqa: E402
+from mmkit.techniques.base import DualEncoderModule  # noqa: E402
 from mmkit.run_config import (  # noqa: E402
     EVAL_DIR_ENV, EVAL_SUBCOMMANDS, SaveRunConfig, checkpoint_differences, claim_eval_dir, continue_csv_logs,
     redirect_eval_outputs,
 )
-from mmkit.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
-from mmkit.strategies import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
+from mmkit.parallel.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
+from mmkit.parallel.fsdp2_strategy import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
 
 
 class MMKitCLI(LightningCLI):
@@ -186,9 +186,9 @@ def _checkpoint_state_dict(path: str) -> dict:
     """The module state dict of a Lightning ``.ckpt`` file, or of a sharded checkpoint directory
     (DeepSpeed's, or FSDP2's ``torch.distributed.checkpoint`` folder), merged to full weights in
     memory. Nothing is unpickled that could run code: files load with ``weights_only``, folders are
-    checked file by file before they are merged (``mmkit.sharded_checkpoint``)."""
-    from mmkit.modules.deepspeed_support import consolidated_state_dict
-    from mmkit.sharded_checkpoint import distributed_checkpoint_state_dict, is_deepspeed_checkpoint, is_distributed_checkpoint
+    checked file by file before they are merged (``mmkit.parallel.sharded_checkpoint``)."""
+    from mmkit.parallel.deepspeed_support import consolidated_state_dict
+    from mmkit.parallel.sharded_checkpoint import distributed_checkpoint_state_dict, is_deepspeed_checkpoint, is_distributed_checkpoint
 
     if is_deepspeed_checkpoint(path):
         return consolidated_state_dict(path)
@@ -225,7 +225,7 @@ def run_cli(argv: list[str] | None = None) -> MMKitCLI:
 
 def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
-    from mmkit.modules.deepspeed_support import import_quietly_if_named
+    from mmkit.parallel.deepspeed_support import import_quietly_if_named
 
     import_quietly_if_named(words)  # keeps DeepSpeed's log lines out of stdout (--print_config)
     if words and words[0] == "export":

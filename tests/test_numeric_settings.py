@@ -26,7 +26,7 @@ from mmkit.losses import (
     RankingLoss, SigLipLoss, SimilarityDistillLoss, TripletLoss,
 )
 from mmkit.models import HFTowers, ModelSpec, OpenCLIP, Teacher
-from mmkit.modules import AlignGAN, CLIPPretrain, DualEncoderModule, EWCIncremental, KDStudent, MetricAlign
+from mmkit.techniques import AlignGAN, CLIPPretrain, DualEncoderModule, EWCIncremental, KDStudent, MetricAlign
 
 TINY_ARCH = str(Path(__file__).parent / "models" / "tiny_test_arch.json")  # patch size 8
 

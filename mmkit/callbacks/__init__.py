@@ -2,11 +2,10 @@
 
 from mmkit.callbacks.bad_samples import BadSampleCallback
 from mmkit.callbacks.checkpointing import Preempted, StepCheckpoint
-from mmkit.callbacks.continual_report import write_continual_report
 from mmkit.callbacks.embedding_writer import EmbeddingWriter
 from mmkit.callbacks.report import RunReport, write_report
 from mmkit.callbacks.resume_state import ResumeState
 from mmkit.callbacks.throughput import Throughput
 
-__all__ = ["write_continual_report", "BadSampleCallback", "EmbeddingWriter", "RunReport", "Throughput", "write_report",
+__all__ = ["BadSampleCallback", "EmbeddingWriter", "RunReport", "Throughput", "write_report",
            "Preempted", "ResumeState", "StepCheckpoint"]

@@ -1,16 +1,5 @@
-from mmkit.modules.align_gan import AlignGAN
-from mmkit.modules.base import DualEncoderModule, NonFiniteLossError
-from mmkit.modules.clip_pretrain import CLIPPretrain
-from mmkit.modules.ewc_incremental import EWCIncremental
-from mmkit.modules.metric_align import MetricAlign
-from mmkit.modules.kd_student import KDStudent
+"""Old import path of the techniques (before ``mmkit.techniques``), kept so that existing configs
+and scripts naming ``mmkit.modules.CLIPPretrain`` etc. still work."""
 
-__all__ = [
-    "AlignGAN",
-    "CLIPPretrain",
-    "DualEncoderModule",
-    "EWCIncremental",
-    "KDStudent",
-    "MetricAlign",
-    "NonFiniteLossError",
-]
+from mmkit.techniques import *  # noqa: F401,F403
+from mmkit.techniques import __all__  # noqa: F401

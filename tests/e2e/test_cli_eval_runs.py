@@ -222,7 +222,7 @@ def test_checkpoint_differences_name_the_keys():
 
     model = Namespace(class_path="mmkit.CLIPPretrain",
                       init_args=Namespace(lr=1e-3, betas=(0.9, 0.98), zero_shot_classes=["a", "b"]))
-    same = {"_class_path": "mmkit.modules.clip_pretrain.CLIPPretrain", "_instantiator": "x",
+    same = {"_class_path": "mmkit.techniques.clip_pretrain.CLIPPretrain", "_instantiator": "x",
             "lr": 1e-3, "betas": [0.9, 0.98], "zero_shot_classes": ["a", "b"]}
     assert checkpoint_differences(same, model) == []
     assert checkpoint_differences({**same, "lr": 0.1, "gone": 1}, model) == ["model.init_args.lr", "model.init_args.gone"]

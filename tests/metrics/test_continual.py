@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mmkit.callbacks.continual_report import write_continual_report
+from mmkit.reports.continual import write_continual_report
 from mmkit.metrics.continual import ContinualMatrix, continual_summary
 
 # R[t][d]: score on task d after training on task t.

@@ -22,13 +22,13 @@ pytestmark = pytest.mark.slow
 # Where the recipes not run in this file are run as users run them (same overrides rule).
 RUN_ELSEWHERE = {
     "default.yaml": "tests/e2e/test_default_recipe.py",
-    "align_gan.yaml": "tests/modules/test_align_gan.py",
-    "metric_align.yaml": "tests/modules/test_metric_align.py",
-    "kd_student.yaml": "tests/modules/test_kd_student.py",
-    "ewc_incremental.yaml": "tests/modules/test_ewc_incremental.py",
-    "clip_fsdp.yaml": "tests/modules/test_fsdp_recipe.py",
-    "clip_deepspeed_zero2.yaml": "tests/modules/test_deepspeed.py",
-    "clip_deepspeed_zero3.yaml": "tests/modules/test_deepspeed.py",
+    "align_gan.yaml": "tests/techniques/test_align_gan.py",
+    "metric_align.yaml": "tests/techniques/test_metric_align.py",
+    "kd_student.yaml": "tests/techniques/test_kd_student.py",
+    "ewc_incremental.yaml": "tests/techniques/test_ewc_incremental.py",
+    "clip_fsdp.yaml": "tests/techniques/test_fsdp_recipe.py",
+    "clip_deepspeed_zero2.yaml": "tests/techniques/test_deepspeed.py",
+    "clip_deepspeed_zero3.yaml": "tests/techniques/test_deepspeed.py",
 }
 RUN_HERE = {"siglip.yaml", "lit_minilm.yaml", "csv_finetune.yaml", "webdataset_vitb32_ddp.yaml"}
 

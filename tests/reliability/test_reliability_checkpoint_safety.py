@@ -86,7 +86,7 @@ def _export(tmp_path: Path, ckpt: Path, out: str = "export") -> Path:
 
 
 def _fsdp2_trainer(root: Path):
-    from mmkit.strategies import FSDP2Strategy
+    from mmkit.parallel.fsdp2_strategy import FSDP2Strategy
 
     return SimpleNamespace(default_root_dir=str(root), checkpoint_callbacks=[], loggers=[], strategy=FSDP2Strategy())
 
@@ -200,7 +200,7 @@ def _deepspeed_folder(folder: Path, model_states: dict, protocol: int = 2) -> Pa
 def test_crafted_deepspeed_model_states_are_refused_and_never_unpickled(tmp_path):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from mmkit.modules.deepspeed_support import guard_checkpoint_loading
+    from mmkit.parallel.deepspeed_support import guard_checkpoint_loading
 
     marker = tmp_path / "pwned"
     folder = _deepspeed_folder(tmp_path / "checkpoints" / "last.ckpt",
@@ -236,7 +236,7 @@ def test_deepspeed_objects_its_real_checkpoints_hold_are_admitted_and_nothing_el
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from mmkit.sharded_checkpoint import verify_deepspeed_checkpoint
+    from mmkit.parallel.sharded_checkpoint import verify_deepspeed_checkpoint
 
     # What a ZeRO-2 run's zero_pp_rank_*_optim_states.pt holds besides tensors and containers.
     optim = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,

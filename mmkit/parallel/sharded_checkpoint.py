@@ -3,7 +3,7 @@
 FSDP2 kind. Lightning's ``ModelParallelStrategy`` saves a ``torch.distributed.checkpoint`` folder
 per checkpoint (one shard file per rank, a ``.metadata`` index and Lightning's ``meta.pt``);
 DeepSpeed a folder with a ``latest`` file naming a tag folder of per-rank states, merged by
-``mmkit.modules.deepspeed_support.consolidated_state_dict``.
+``mmkit.parallel.deepspeed_support.consolidated_state_dict``.
 
 torch reads ``.metadata`` with plain ``pickle.load`` and the shards' non-tensor items with
 ``torch.load(weights_only=False)``; DeepSpeed reads all its files with ``weights_only=False``.

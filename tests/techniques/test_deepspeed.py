@@ -65,7 +65,7 @@ def _module():
 
 
 def _optimizer(module):
-    from mmkit.modules.optim import param_groups
+    from mmkit.training.optim import param_groups
 
     # mmkit's own optimizer (configure_optimizers needs a trainer): AdamW over its parameter groups.
     return torch.optim.AdamW(param_groups(module, 0.1), lr=LR, betas=(0.9, 0.98), eps=1e-6)
@@ -92,8 +92,8 @@ def _engine_worker(rank: int, world: int, out: str) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from mmkit import distributed as D
-    from mmkit.modules import deepspeed_support as ds
-    from mmkit.modules.grad_cache import chunked_backward
+    from mmkit.parallel import deepspeed_support as ds
+    from mmkit.training.grad_cache import chunked_backward
 
     ds.patch_scalar_params()  # what mmkit's configure_model does under DeepSpeedStrategy
     images, texts = _batch()
@@ -216,7 +216,7 @@ def test_zero_checkpoint_consolidates_and_exports(engine_runs, name, tmp_path):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     from mmkit.cli import main
-    from mmkit.modules.deepspeed_support import consolidated_state_dict, is_deepspeed_checkpoint
+    from mmkit.parallel.deepspeed_support import consolidated_state_dict, is_deepspeed_checkpoint
 
     run = engine_runs[(name, "plain")]
     ckpt = Path(run["ckpt"])

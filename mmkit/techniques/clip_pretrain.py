@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from mmkit.losses.contrastive import ClipLoss
 from mmkit.models.spec import ModelSpec
-from mmkit.modules.base import DualEncoderModule
+from mmkit.techniques.base import DualEncoderModule
 
 
 class CLIPPretrain(DualEncoderModule):

@@ -50,7 +50,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from mmkit import distributed as D
-from mmkit.callbacks.continual_report import write_continual_report
+from mmkit.reports.continual import write_continual_report
 from mmkit.config_checks import Range, check_settings
 from mmkit.losses.contrastive import ClipLoss
 from mmkit.losses.ewc import (
@@ -67,10 +67,10 @@ from mmkit.metrics.continual import ContinualMatrix
 from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.spec import ModelSpec
-from mmkit.modules import deepspeed_support as ds
-from mmkit.modules.base import DualEncoderModule
-from mmkit.modules.optim import param_groups
-from mmkit.modules.sharding import is_sharded
+from mmkit.parallel import deepspeed_support as ds
+from mmkit.techniques.base import DualEncoderModule
+from mmkit.training.optim import param_groups
+from mmkit.parallel.fsdp2_sharding import is_sharded
 from mmkit.run_folder import run_folder
 
 _STREAM_API = ("num_tasks", "task_names", "task_of_epoch", "is_task_end", "task_loader", "epochs_per_task")

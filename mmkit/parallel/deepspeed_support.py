@@ -34,7 +34,7 @@ optimizers) is refused: Lightning's ``DeepSpeedStrategy`` takes one.
 Sharded checkpoints are read back into one state dict by ``consolidated_state_dict`` (used by
 ``mmkit export``). DeepSpeed loads its files with ``torch.load(weights_only=False)``, which runs any
 code a crafted file carries: mmkit checks every file of a folder first
-(``mmkit.sharded_checkpoint.verify_deepspeed_checkpoint``) and runs DeepSpeed's reading, for export
+(``mmkit.parallel.sharded_checkpoint.verify_deepspeed_checkpoint``) and runs DeepSpeed's reading, for export
 and for resume, with every ``torch.load`` forced to ``weights_only`` (``guard_checkpoint_loading``).
 Nothing here imports DeepSpeed unless the strategy, engine, parameters or checkpoint are
 DeepSpeed's, or a command names it (``import_quietly_if_named``).
@@ -53,8 +53,8 @@ import torch
 from torch import nn
 
 from mmkit.safe_unpickle import deepspeed_globals, weights_only_everywhere
-from mmkit.sharded_checkpoint import is_deepspeed_checkpoint  # noqa: F401  (re-exported: cli, tests)
-from mmkit.sharded_checkpoint import verify_deepspeed_checkpoint
+from mmkit.parallel.sharded_checkpoint import is_deepspeed_checkpoint  # noqa: F401  (re-exported: cli, tests)
+from mmkit.parallel.sharded_checkpoint import verify_deepspeed_checkpoint
 
 
 def import_quietly_if_named(argv: list[str]) -> None:

@@ -4,7 +4,7 @@ metrics.
 
     python align_gan_ddp_script.py OUT_DIR DEVICES PER_RANK_BATCH MODE
 
-MODE is ``alternating`` or ``gradient_reversal``. Run by tests/modules/test_align_gan.py, as a
+MODE is ``alternating`` or ``gradient_reversal``. Run by tests/techniques/test_align_gan.py, as a
 script for DDP (Lightning's ``ddp`` strategy relaunches it for the other ranks) and through
 ``run`` in the test's own process for the one-process reference. Rank 1's D is
 deliberately initialised differently: AlignGAN must copy rank 0's D to every rank, as DDP does

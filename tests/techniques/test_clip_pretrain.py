@@ -14,8 +14,8 @@ from mmkit.callbacks.embedding_writer import EmbeddingWriter
 from mmkit.data import ImageTextDataModule, SyntheticShapes
 from mmkit.losses import ClipLoss
 from mmkit.models import OpenCLIP
-from mmkit.modules import NonFiniteLossError
-from mmkit.modules.optim import fused_adamw_supported, param_groups, warmup_cosine
+from mmkit.techniques import NonFiniteLossError
+from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
 
 
 def _fit(module, tmp_path, steps=2, batch=8, train_size=64, val=None, callbacks=(), **trainer_kw):

@@ -49,11 +49,11 @@ from mmkit.metrics.modality_gap import ModalityGap
 from mmkit.models.discriminator import ModalityDiscriminator
 from mmkit.models.gradient_reversal import SCHEDULES, GradientReversal
 from mmkit.models.spec import ModelSpec
-from mmkit.modules import deepspeed_support as ds
-from mmkit.modules.base import DualEncoderModule, loss_total
-from mmkit.modules.grad_cache import chunked_backward
-from mmkit.modules.optim import param_groups, warmup_cosine
-from mmkit.modules.sharding import average_replicated_grads, is_sharded
+from mmkit.parallel import deepspeed_support as ds
+from mmkit.techniques.base import DualEncoderModule, loss_total
+from mmkit.training.grad_cache import chunked_backward
+from mmkit.training.optim import param_groups, warmup_cosine
+from mmkit.parallel.fsdp2_sharding import average_replicated_grads, is_sharded
 
 MODES = ("alternating", "gradient_reversal")
 

@@ -8,7 +8,7 @@ teacher is sharded).
 
 SETTINGS is a comma-separated subset of ``SETTINGS`` below (default: all). With DEVICES > 1 the
 strategy is STRATEGY: ``ddp``, or (default) mmkit's ``fsdp2`` (Lightning's ``ModelParallelStrategy``, tensor parallel 1: the CPU
-route to ``fully_shard``; Lightning relaunches this script for the other ranks), float32. Run by tests/modules/test_fsdp_modules.py, as a script for
+route to ``fully_shard``; Lightning relaunches this script for the other ranks), float32. Run by tests/techniques/test_fsdp_modules.py, as a script for
 2 processes and through ``run`` in the test's own process for the one-process reference.
 """
 
@@ -140,7 +140,7 @@ def run_one(name: str, out: Path, devices: int, batch: int, strategy_name: str =
     if devices > 1 and strategy_name == "ddp":
         strategy = "ddp"
     elif devices > 1:
-        from mmkit.strategies import FSDP2Strategy  # ModelParallelStrategy, data parallel over all ranks
+        from mmkit.parallel.fsdp2_strategy import FSDP2Strategy  # ModelParallelStrategy, data parallel over all ranks
 
         strategy = FSDP2Strategy()
     else:

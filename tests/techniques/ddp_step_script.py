@@ -5,7 +5,7 @@ gradients (after DDP's all-reduce) and validation metrics.
 
 STRATEGY is ``ddp`` (default) or ``fsdp`` (FSDP2 through ModelParallelStrategy, the CPU route).
 
-Run by tests/modules/test_ddp_exactness.py (Lightning's `ddp` strategy relaunches this script
+Run by tests/techniques/test_ddp_exactness.py (Lightning's `ddp` strategy relaunches this script
 for the other ranks) and by tests/launch/test_multinode.py (with NUM_NODES=2 the test starts one
 process per "node" with NODE_RANK/LOCAL_RANK/MASTER_* set, as an external launcher would; and
 under torchrun).

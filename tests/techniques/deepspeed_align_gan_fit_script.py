@@ -7,7 +7,7 @@ weights.
 
     python deepspeed_align_gan_fit_script.py OUT_DIR DEVICES PER_RANK_BATCH DEEPSPEED_JSON
 
-Run by tests/modules/test_deepspeed_modules.py: as a script for DeepSpeed (Lightning relaunches
+Run by tests/techniques/test_deepspeed_modules.py: as a script for DeepSpeed (Lightning relaunches
 it for the other rank) and through ``run`` in the test's own process (``DEEPSPEED_JSON`` None)
 for the one-process reference with the double batch.
 """
@@ -23,7 +23,7 @@ import torch
 from mmkit import AlignGAN
 from mmkit.data import ImageTextDataModule, SyntheticShapes
 from mmkit.models import OpenCLIP
-from mmkit.modules import deepspeed_support as ds
+from mmkit.parallel import deepspeed_support as ds
 
 ARCH = str(Path(__file__).parents[1] / "models" / "tiny_test_arch.json")
 

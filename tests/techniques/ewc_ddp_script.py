@@ -18,7 +18,7 @@ task 0 (gathered whole), for every step of task 1 the penalty's value and gradie
 whole gradient and the weights after the step, and a per-batch Fisher of task 0 at the end. All ranks run every distributed run in the same order (one process
 group, several Trainers: Lightning sees the processes as launched externally).
 
-Run by tests/modules/test_ewc_sharded.py through ``tests/dist_utils.run_on_processes(worker, 2, ...)``.
+Run by tests/techniques/test_ewc_sharded.py through ``tests/dist_utils.run_on_processes(worker, 2, ...)``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 
 from mmkit.losses import ClipLoss, SigLipLoss
 from mmkit.models import OpenCLIP
-from mmkit.modules.grad_cache import chunked_backward
+from mmkit.training.grad_cache import chunked_backward
 
 ARCH = str(Path(__file__).parents[1] / "models" / "tiny_test_arch.json")
 

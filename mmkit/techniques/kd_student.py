@@ -40,61 +40,14 @@ from torch import Tensor, nn
 from mmkit.data.teacher_embeddings import TeacherEmbeddings
 from mmkit.losses.distillation import DistillationLoss
 from mmkit.models.dual_encoder import DualEncoder
+from mmkit.models.single_tower_student import SingleTowerStudent
 from mmkit.models.spec import ModelSpec
 from mmkit.models.teacher import FrozenTeacher, StudentTeacherPreprocessing, Teacher
-from mmkit.modules.base import DualEncoderModule
-from mmkit.modules.sharding import is_sharded, shard_frozen
+from mmkit.techniques.base import DualEncoderModule
+from mmkit.parallel.fsdp2_sharding import is_sharded, shard_frozen
 
 _TOWERS = ("both", "image", "text")
 _SPLITS = ("train", "val", "test")
-
-
-class SingleTowerStudent(DualEncoder):
-    """One trained tower of a dual encoder. ``forward`` returns zeros as the other modality's
-    features (a placeholder without gradient); ``KDStudent`` puts the teacher's features there."""
-
-    def __init__(self, student: DualEncoder, tower: str) -> None:
-        super().__init__(student.embed_dim)
-        self.student = student
-        self.tower = tower
-        unused = student.text_tower if tower == "image" else student.image_tower
-        unused.requires_grad_(False)  # never run: kept out of the optimizer and of DDP
-
-    @property
-    def image_tower(self) -> nn.Module:  # type: ignore[override]
-        return self.student.image_tower
-
-    @property
-    def text_tower(self) -> nn.Module:  # type: ignore[override]
-        return self.student.text_tower
-
-    def _encode_image(self, images: Tensor) -> Tensor:
-        return self.student._encode_image(images)
-
-    def _encode_text(self, texts) -> Tensor:
-        return self.student._encode_text(texts)
-
-    def _log_scale(self):
-        return self.student._log_scale()
-
-    def _bias(self):
-        return self.student._bias()
-
-    def forward(self, images: Tensor, texts) -> dict[str, Tensor]:
-        if self.tower == "image":
-            image = self.encode_image(images)
-            text = image.new_zeros(image.shape).detach()
-        else:
-            text = self.encode_text(texts)
-            image = text.new_zeros(text.shape).detach()
-        out = {"image_features": image, "text_features": text, "logit_scale": self._log_scale().exp()}
-        bias = self._bias()
-        if bias is not None:
-            out["logit_bias"] = bias
-        return out
-
-    def export(self, out_dir: str | Path) -> Path:
-        return self.student.export(out_dir)
 
 
 class KDStudent(DualEncoderModule):

@@ -3,7 +3,7 @@ projection head in training and evaluation, the embedding-norm penalty, checkpoi
 queue, real DDP against one process, and the recipe through the CLI.
 
 Also the script that the DDP test runs (Lightning's ddp launcher re-runs it for rank 1):
-    python tests/modules/test_metric_align.py OUT_DIR DEVICES PER_RANK_BATCH
+    python tests/techniques/test_metric_align.py OUT_DIR DEVICES PER_RANK_BATCH
 """
 
 import subprocess

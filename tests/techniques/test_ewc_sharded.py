@@ -1,5 +1,5 @@
 """EWCIncremental under DDP, FSDP2 and DeepSpeed ZeRO-1/2 on 2 real gloo processes, against one
-process with the double batch (fp32), all from one launch of tests/modules/ewc_ddp_script.py:
+process with the double batch (fp32), all from one launch of tests/techniques/ewc_ddp_script.py:
 
 - the Fisher (per-sample estimator) and anchor stored after task 0 (gathered whole) equal one
   process's, and so does a per-batch Fisher estimated at the end;

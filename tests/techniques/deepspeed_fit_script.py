@@ -5,7 +5,7 @@
 The same as the ``mmkit`` command, with ``deepspeed_cpu`` imported first (CPU accelerator for
 DeepSpeed, no compiled kernels) so that ``--trainer.strategy deepspeed_cpu.CPUDeepSpeedStrategy``
 resolves. Lightning starts the other ranks by running this script again with the same arguments.
-Run by tests/modules/test_deepspeed.py.
+Run by tests/techniques/test_deepspeed.py.
 """
 
 

@@ -20,10 +20,10 @@ from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
-from mmkit.modules import deepspeed_support as ds
-from mmkit.modules.grad_cache import chunked_backward
-from mmkit.modules.optim import fused_adamw_supported, param_groups, warmup_cosine
-from mmkit.modules.sharding import (
+from mmkit.parallel import deepspeed_support as ds
+from mmkit.training.grad_cache import chunked_backward
+from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
+from mmkit.parallel.fsdp2_sharding import (
     average_replicated_grads, clip_grad_norm_, full_state_dict, is_sharded, shard_dual_encoder,
     split_replicated_groups,
 )

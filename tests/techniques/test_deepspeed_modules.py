@@ -98,7 +98,7 @@ def _module(name: str, teacher_arch: str):
 
 
 def _optimizer(name: str, module):
-    from mmkit.modules.optim import param_groups
+    from mmkit.training.optim import param_groups
 
     # The module's own optimizer (configure_optimizers needs a trainer for its schedule).
     groups = param_groups(module, 0.1)
@@ -132,8 +132,8 @@ def _worker(rank: int, world: int, out: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from mmkit import distributed as D
-    from mmkit.modules import deepspeed_support as ds
-    from mmkit.modules.base import loss_total
+    from mmkit.parallel import deepspeed_support as ds
+    from mmkit.techniques.base import loss_total
 
     ds.patch_scalar_params()  # what mmkit's setup does under DeepSpeedStrategy
     folder = Path(out)

@@ -1,0 +1,2 @@
+"""Training machinery shared by every technique: optimizer groups and schedules (``optim``) and
+exact chunked gradient accumulation (``grad_cache``)."""
