@@ -42,10 +42,12 @@ class DualEncoder(nn.Module):
     def _encode_text(self, texts) -> Tensor:
         raise NotImplementedError
 
-    def _log_scale(self) -> nn.Parameter:
+    def log_scale_parameter(self) -> nn.Parameter:
+        """The learnable log inverse temperature (clamped by the training step, logged)."""
         raise NotImplementedError
 
-    def _bias(self) -> Tensor | None:
+    def bias_parameter(self) -> Tensor | None:
+        """SigLIP's learnable logit bias, or None when the model has none."""
         return None
 
     def export(self, out_dir: str | Path) -> Path:
@@ -70,12 +72,12 @@ class DualEncoder(nn.Module):
         """Both towers' normalised features; a tower whose input is None is skipped (e.g. the
         zero-shot classifier's prompts). Calling the model itself, rather than ``encode_*``, is
         what lets FSDP2 gather the root's weights."""
-        out: dict = {"logit_scale": self._log_scale().exp()}
+        out: dict = {"logit_scale": self.log_scale_parameter().exp()}
         if images is not None:
             out["image_features"] = self.encode_image(images)
         if texts is not None:
             out["text_features"] = self.encode_text(texts)
-        bias = self._bias()
+        bias = self.bias_parameter()
         if bias is not None:
             out["logit_bias"] = bias
         if self.similarity_head is not None:
@@ -84,7 +86,7 @@ class DualEncoder(nn.Module):
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
-        self._log_scale().clamp_(0, math.log(max_scale))
+        self.log_scale_parameter().clamp_(0, math.log(max_scale))
 
     def lock(self, lock_image: bool, image_unlocked_layers: int, lock_text: bool, text_unlocked_layers: int):
         if lock_image:

@@ -74,10 +74,10 @@ class HFDualEncoder(DualEncoder):
             pooled = _mean_pool(out.last_hidden_state, texts["attention_mask"])
         return self.text_proj(pooled)
 
-    def _log_scale(self):
+    def log_scale_parameter(self):
         return self.logit_scale
 
-    def _bias(self):
+    def bias_parameter(self):
         return self.logit_bias
 
     def export(self, out_dir: str | Path) -> Path:

@@ -134,10 +134,10 @@ class OpenCLIPDualEncoder(DualEncoder):
     def _encode_text(self, texts) -> Tensor:
         return self.clip.encode_text(texts)
 
-    def _log_scale(self):
+    def log_scale_parameter(self):
         return self.clip.logit_scale
 
-    def _bias(self):
+    def bias_parameter(self):
         return getattr(self.clip, "logit_bias", None)
 
     def export(self, out_dir: str | Path) -> Path:

@@ -34,11 +34,11 @@ class SingleTowerStudent(DualEncoder):
     def _encode_text(self, texts) -> Tensor:
         return self.student._encode_text(texts)
 
-    def _log_scale(self):
-        return self.student._log_scale()
+    def log_scale_parameter(self):
+        return self.student.log_scale_parameter()
 
-    def _bias(self):
-        return self.student._bias()
+    def bias_parameter(self):
+        return self.student.bias_parameter()
 
     def forward(self, images: Tensor, texts) -> dict[str, Tensor]:
         if self.tower == "image":
@@ -47,8 +47,8 @@ class SingleTowerStudent(DualEncoder):
         else:
             text = self.encode_text(texts)
             image = text.new_zeros(text.shape).detach()
-        out = {"image_features": image, "text_features": text, "logit_scale": self._log_scale().exp()}
-        bias = self._bias()
+        out = {"image_features": image, "text_features": text, "logit_scale": self.log_scale_parameter().exp()}
+        bias = self.bias_parameter()
         if bias is not None:
             out["logit_bias"] = bias
         return out

@@ -110,7 +110,7 @@ class FrozenTeacher(nn.Module):
         starts = range(0, n, size) or [0]  # an empty batch still runs once, like the student
         image = torch.cat([self.encode_image(images[i : i + size]) for i in starts])
         text = torch.cat([self.encode_text(_rows(texts, i, i + size)) for i in starts])
-        return {"image_features": image, "text_features": text, "logit_scale": self.model._log_scale().exp().float()}
+        return {"image_features": image, "text_features": text, "logit_scale": self.model.log_scale_parameter().exp().float()}
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:

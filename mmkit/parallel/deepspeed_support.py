@@ -233,7 +233,7 @@ def no_sync(engine) -> contextlib.AbstractContextManager:
 def clamp_logit_scale(model, max_scale: float) -> None:
     """The model's temperature clamp (``DualEncoder.clamp_logit_scale``), applied to DeepSpeed's
     master copy as well when DeepSpeed holds the parameter."""
-    p = model._log_scale()
+    p = model.log_scale_parameter()
     if is_deepspeed_param(p):
         clamp_(p, 0.0, math.log(max_scale))
     else:

@@ -258,7 +258,7 @@ class DualEncoderModule(L.LightningModule):
         for name, value in terms.items():  # loss terms and the losses' own statistics
             self.log(f"train/{name}", value.float(), batch_size=bs, sync_dist=False)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        scale = self.model._log_scale().exp().detach()
+        scale = self.model.log_scale_parameter().exp().detach()
         self.log("train/temperature", 1.0 / scale, batch_size=bs)
         self.log("train/logit_scale", scale, batch_size=bs)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True, batch_size=bs)

@@ -97,7 +97,7 @@ class MetricAlign(DualEncoderModule):
         if all(getattr(l, "uses_logit_scale", True) is False for l in self.loss):
             # No loss reads the temperature (or bias): freeze them, or DDP would wait for their
             # gradients forever and AdamW would carry them for nothing.
-            for p in (self.model._log_scale(), self.model._bias()):
+            for p in (self.model.log_scale_parameter(), self.model.bias_parameter()):
                 if isinstance(p, nn.Parameter):
                     p.requires_grad_(False)
         for l in self.loss:

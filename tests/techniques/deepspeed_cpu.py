@@ -99,7 +99,7 @@ class RecordDeepSpeed(L.Callback):
         from deepspeed.utils import safe_get_full_fp32_param
 
         engine = trainer.strategy.model
-        master = safe_get_full_fp32_param(pl_module.model._log_scale())  # a collective
+        master = safe_get_full_fp32_param(pl_module.model.log_scale_parameter())  # a collective
         if trainer.is_global_zero:
             record = {
                 "engine": type(engine).__name__,
