@@ -134,3 +134,58 @@ def local_only():
         yield
     finally:
         _local_only_depth -= 1
+
+
+@torch.no_grad()
+def average_gradients_(params) -> None:
+    """Average the gradients of ``params`` over ranks in place, as DDP does for the parameters it
+    manages (for parameters kept outside it). One all-reduce per gradient dtype; a no-op on one process."""
+    if world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+# -- tensors in a sharded parameter's layout (FSDP2 DTensors), used where a tensor follows its parameter --
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter or a tensor in its layout)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def like(local_part: Tensor, param: Tensor) -> Tensor:
+    """``local_part`` (this rank's part) in ``param``'s layout: a DTensor with the parameter's
+    mesh, placements and global shape when the parameter is one; unchanged otherwise."""
+    if not is_dtensor(param):
+        return local_part
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def shard_like(full: Tensor, param: Tensor) -> Tensor:
+    """A full tensor (e.g. read from a checkpoint, identical on every rank) cut to ``param``'s
+    layout without communication; moved to the parameter's device."""
+    full = full.to(param.device)
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank takes its shard from its own full copy, no collective.
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)

@@ -45,48 +45,13 @@ import torch
 from torch import Tensor
 
 from mmkit import distributed as D
+from mmkit.distributed import is_dtensor, like, local, shard_like  # noqa: F401  (re-exported)
 from mmkit.config_checks import Range, check_settings
 
 Forward = Callable[[Tensor, Any], dict[str, Any]]
 LossFn = Callable[..., dict[str, Tensor]]
 GradsFn = Callable[[Tensor, dict[str, Tensor]], list[Tensor]]
 _FEATURES = ("image_features", "text_features")
-
-
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a DTensor (an FSDP2-sharded parameter or a tensor in its layout)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def local(t: Tensor) -> Tensor:
-    """This rank's part of ``t``: the local shard of a DTensor, ``t`` itself otherwise."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def like(local_part: Tensor, param: Tensor) -> Tensor:
-    """``local_part`` (this rank's part) in ``param``'s layout: a DTensor with the parameter's
-    mesh, placements and global shape when the parameter is one; unchanged otherwise."""
-    if not is_dtensor(param):
-        return local_part
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local_part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
-
-
-def shard_like(full: Tensor, param: Tensor) -> Tensor:
-    """A full tensor (e.g. read from a checkpoint, identical on every rank) cut to ``param``'s
-    layout without communication; moved to the parameter's device."""
-    full = full.to(param.device)
-    if not is_dtensor(param):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    # src_data_rank=None: every rank takes its shard from its own full copy, no collective.
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
 
 
 def _weighted_diff(param: Tensor, anchor: Tensor, fisher: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -317,20 +282,14 @@ class EWCPenalty:
         return value, grads
 
     def loss(self, params: dict[str, Tensor], lam: float) -> Tensor:
-        """The penalty as a differentiable function of whole (not sharded) parameters, for a
-        backward pass that must carry it (DeepSpeed ZeRO-1/2: gradients are reduced and
-        partitioned inside its backward, so nothing can be added to ``p.grad`` afterwards)."""
-        if any(is_dtensor(p) for p in params.values()):
-            raise ValueError("EWCPenalty.loss needs whole parameters; use the analytic gradient for DTensors")
-        value = torch.zeros((), dtype=torch.float32, device=_device(params))
+        """The penalty as a differentiable scalar whose gradient is the analytic ``λ Σ_t F_t (θ − θ*_t)``
+        (in each parameter's layout: a DTensor parameter gets its local shard's part), so one
+        backward carries it with the data loss under any strategy. The value adds every rank's
+        shards: a collective whenever a parameter is a DTensor (every rank must call it)."""
         if lam == 0 or not self.terms:
-            return value
-        for term in self.terms:
-            fisher, anchor = term["fisher"], term["anchor"]
-            for n, p in params.items():
-                weighted, diff = _weighted_diff(p, anchor[n], None if fisher is None else fisher[n])
-                value = value + 0.5 * lam * (weighted * diff).sum().float()
-        return value
+            return torch.zeros((), dtype=torch.float32, device=_device(params))
+        names = list(params)
+        return _AnalyticPenalty.apply(self, lam, names, *params.values())
 
     def place(self, params: dict[str, Tensor]) -> EWCPenalty:
         """Put every stored tensor in its parameter's layout and on its device: full tensors
@@ -377,3 +336,20 @@ class EWCPenalty:
 
 def _device(params: dict[str, Tensor]) -> torch.device:
     return next(iter(params.values())).device if params else torch.device("cpu")
+
+
+class _AnalyticPenalty(torch.autograd.Function):
+    """``EWCPenalty``'s value, with its analytic gradient (``EWCPenalty.__call__``) as backward."""
+
+    @staticmethod
+    def forward(ctx, penalty: EWCPenalty, lam: float, names: list[str], *params: Tensor) -> Tensor:
+        value, grads = penalty(dict(zip(names, params)), lam)
+        ctx.grads = [None if n not in grads else like(grads[n].to(p.dtype), p) for n, p in zip(names, params)]
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value: Tensor):
+        scale = float(grad_value)  # a Python number: multiplies a DTensor gradient without layout questions
+        grads = [None if g is None else (g if scale == 1.0 else g * scale) for g in ctx.grads]
+        ctx.grads = None
+        return (None, None, None, *grads)

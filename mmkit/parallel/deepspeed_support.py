@@ -321,3 +321,12 @@ def _only_tag(path: Path) -> str:
     if len(tags) != 1:
         raise ValueError(f"{path}: expected one DeepSpeed checkpoint tag folder, found {tags or 'none'}")
     return tags[0]
+
+
+def is_deepspeed_strategy(strategy) -> bool:
+    """Whether ``strategy`` is Lightning's ``DeepSpeedStrategy`` (or a subclass); imports nothing new."""
+    if strategy is None:
+        return False
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)

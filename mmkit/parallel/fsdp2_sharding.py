@@ -62,22 +62,14 @@ def replicated_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.ndim == 0]
 
 
-def average_replicated_grads(module: nn.Module) -> None:
-    """Average over ranks the gradients of ``module``'s parameters that FSDP does not manage
-    (not DTensors): those of a sharded model are its 0-dim ones; given the LightningModule, also
-    those of trainable modules kept replicated beside the model. One all-reduce per dtype."""
+def average_replicated_grads(params) -> None:
+    """Average over ranks the gradients of the parameters FSDP does not manage (not DTensors) among
+    ``params`` (a module or an iterable of parameters): a sharded model's 0-dim ones and, given the
+    LightningModule, the trainable modules kept replicated beside the model."""
     from torch.distributed.tensor import DTensor
 
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in module.parameters():
-        if p.grad is not None and not isinstance(p, DTensor):
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = D.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / D.world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    D.average_gradients_([p for p in params if not isinstance(p, DTensor)])
 
 
 def split_replicated_groups(groups: list[dict]) -> list[dict]:
@@ -126,3 +118,16 @@ def full_state_dict(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def reshard(model: nn.Module) -> nn.Module:
+    """Free FSDP2's unsharded parameters and register the sharded ones again. A forward without a
+    backward (evaluation) leaves the root's parameters unsharded (FSDP2 does not reshard the root
+    after forward), and ``named_parameters()`` would then return whole plain tensors. Local, no
+    communication."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model

@@ -21,9 +21,10 @@ Two ways to train the two players:
 
 Under DDP, D's parameters are left out of DDP (``_ddp_params_and_buffers_to_ignore``): D is
 trained on detached features, and a backward that reaches only some of the parameters DDP
-manages breaks DDP's reducer (it expects each of them to get a gradient in every backward). D's gradients are averaged here instead (through ``mmkit.distributed``), and its
-weights and spectral-norm vectors are copied from rank 0 when fitting starts, so D stays identical
-on every rank. The adversarial losses are normalised by the global batch (exact across ranks).
+manages breaks DDP's reducer (it expects each of them to get a gradient in every backward). D's
+gradients are averaged by ``mmkit.parallel.ops`` instead (``after_backward``, as for every
+parameter a strategy leaves unreduced), and its weights and spectral-norm vectors are copied from
+rank 0 when fitting starts, so D stays identical on every rank. The adversarial losses are normalised by the global batch (exact across ranks).
 
 Under FSDP2 (``ModelParallelStrategy``) both modes run: the encoders are sharded, D stays
 replicated (a small MLP on the embeddings: sharding it would save nothing) and is kept identical
@@ -49,11 +50,9 @@ from mmkit.metrics.modality_gap import ModalityGap
 from mmkit.models.discriminator import ModalityDiscriminator
 from mmkit.models.gradient_reversal import SCHEDULES, GradientReversal
 from mmkit.models.spec import ModelSpec
-from mmkit.parallel import deepspeed_support as ds
+from mmkit.parallel.ops import parallel_ops
 from mmkit.techniques.base import DualEncoderModule, loss_total
-from mmkit.training.grad_cache import chunked_backward
 from mmkit.training.optim import param_groups, warmup_cosine
-from mmkit.parallel.fsdp2_sharding import average_replicated_grads, is_sharded
 
 MODES = ("alternating", "gradient_reversal")
 
@@ -146,12 +145,13 @@ class AlignGAN(DualEncoderModule):
         self.d_grad_clip_norm = d_grad_clip_norm
         self.grl = GradientReversal(grl_schedule, grl_gamma, max_weight=adv_weight)
         self.discriminator: ModalityDiscriminator | None = None
+        self._critic_stats: dict[str, Tensor] = {}  # the step's D statistics (alternating mode)
         self._gap = {"val": ModalityGap(), "test": ModalityGap()}
         self._d_scores: dict[str, tuple[list[Tensor], list[Tensor]]] = {"val": ([], []), "test": ([], [])}
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if ds.deepspeed_strategy(self) is not None and self.mode == "alternating":
+        if self.mode == "alternating" and not parallel_ops(self).supports_several_optimizers:
             raise ValueError(
                 "AlignGAN mode: alternating needs two optimizers, and Lightning's DeepSpeedStrategy "
                 "supports one: under DeepSpeed use mode: gradient_reversal (one optimizer, D trained "
@@ -167,18 +167,10 @@ class AlignGAN(DualEncoderModule):
         self._ddp_params_and_buffers_to_ignore = [f"discriminator.{k}" for k in self.discriminator.state_dict()]
 
     def on_fit_start(self) -> None:
-        self._broadcast_discriminator()
-
-    @torch.no_grad()
-    def _broadcast_discriminator(self) -> None:
-        """Copy rank 0's D (weights and spectral-norm vectors) to every rank: DDP, which does
-        this for the parameters it manages, does not manage D."""
-        if distributed.world_size() == 1:
-            return
-        # DeepSpeed broadcast the parameters it holds when it built its engine (and keeps their
-        # master copy apart, which a copy here would miss); not the spectral-norm buffers.
-        tensors = [p.data for p in self.discriminator.parameters() if not ds.is_deepspeed_param(p)]
-        distributed.broadcast_from_rank_zero_(tensors + list(self.discriminator.buffers()))
+        # Rank 0's D (weights and spectral-norm vectors) on every rank: DDP, which does this for
+        # the parameters it manages, does not manage D.
+        if distributed.world_size() > 1:
+            parallel_ops(self).broadcast_replicated_(self.discriminator)
 
     def _sync_discriminator_buffers(self) -> None:
         """Once per training step: D's spectral-norm vectors to rank 0's, as DDP's buffer broadcast
@@ -186,19 +178,6 @@ class AlignGAN(DualEncoderModule):
         but a BLAS may round a matrix-vector product differently with the operands' memory
         alignment (Intel's MKL does), so the vectors would drift apart in their last bits."""
         distributed.broadcast_from_rank_zero_(list(self.discriminator.buffers()))
-
-    def _sync_discriminator_grads(self) -> None:
-        """Average D's gradients over ranks, as DDP does for the parameters it manages."""
-        if distributed.world_size() == 1 or ds.holds(self.discriminator):
-            return  # DeepSpeed (gradient_reversal mode) holds D and has already averaged them
-        params = [p for p in self.discriminator.parameters() if p.grad is not None]
-        if not params:
-            return
-        flat = distributed.all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in params])) / distributed.world_size()
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
 
     @contextlib.contextmanager
     def _discriminator_frozen(self):
@@ -234,77 +213,45 @@ class AlignGAN(DualEncoderModule):
 
     def _critic_steps(self, outputs: dict[str, Tensor], d_opt) -> dict[str, Tensor]:
         """``n_critic`` D steps on the batch's detached features; returns the last step's terms
-        (``d_nonfinite`` = 1 when a step was skipped for a NaN/inf loss on some rank)."""
+        (a non-finite ``d_loss`` on some rank stops them, and the base step then skips the
+        encoders' step as well)."""
         image, text = outputs["image_features"].detach(), outputs["text_features"].detach()
+        ops = parallel_ops(self)
         stats: dict[str, Tensor] = {}
         for _ in range(self.n_critic):
             terms = self.adversarial.discriminator_terms(self.discriminator, image, text)
             d_total = loss_total(terms)
+            stats = {k: v.detach() for k, v in terms.items()}
             if not self._all_ranks_finite(d_total.detach()):
                 d_opt.zero_grad(set_to_none=True)
-                return {**{k: v.detach() for k, v in terms.items()}, "d_nonfinite": torch.ones(())}
+                return stats  # the base step's check, over every rank, then skips the step
             self.manual_backward(d_total)
-            self._sync_discriminator_grads()
-            if self.d_grad_clip_norm:
-                self.clip_gradients(d_opt, gradient_clip_val=self.d_grad_clip_norm, gradient_clip_algorithm="norm")
+            ops.after_backward(self.discriminator.parameters())  # D is outside DDP: averaged here
+            ops.clip_gradients(d_opt, self.d_grad_clip_norm)
             # Through the strategy (precision plugin: AMP unscaling) but not LightningOptimizer.step,
             # which would count D steps in trainer.global_step.
             self.trainer.strategy.optimizer_step(d_opt.optimizer, closure=lambda: None)
             d_opt.zero_grad(set_to_none=True)
-            stats = {k: v.detach() for k, v in terms.items()}
         return stats
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        if batch["images"].shape[0] == 0 and distributed.world_size() == 1:
-            return None  # every sample of this batch was bad (counted by the data layer)
-        if self.mode == "alternating":
-            opt, d_opt = self.optimizers()
-        else:
-            opt, d_opt = self.optimizers(), None
+    def training_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        if self.mode == "gradient_reversal":
             self.grl.set_progress(self.global_step / max(1, int(self.trainer.estimated_stepping_batches)))
-        d_stats: dict[str, Tensor] = {}
+            return {**self._reversal_loss(outputs), "grl_weight": torch.tensor(self.grl.weight)}
+        # D first, on this batch: the encoders then face the updated D.
+        self._critic_stats = self._critic_steps(outputs, self.optimizers()[1])
+        return self.compute_loss(outputs, batch)
 
-        def loss_fn(**outputs) -> dict[str, Tensor]:
-            if d_opt is None:
-                return self._reversal_loss(outputs)
-            d_stats.update(self._critic_steps(outputs, d_opt))  # D first: the encoders face the updated D
-            return self.compute_loss(outputs, batch)
+    def loss_parameters(self) -> list[Tensor]:
+        # A paired loss's own parameters; D learns in its own steps (or through the reversal layer).
+        d_ids = {id(p) for p in self.discriminator.parameters()}
+        return [p for p in super().loss_parameters() if id(p) not in d_ids]
 
-        if self.accumulate_chunks > 1:
-            d_ids = {id(p) for p in self.discriminator.parameters()}
-            terms = chunked_backward(
-                self.forward, loss_fn, batch["images"], batch["texts"], self.accumulate_chunks,
-                self.manual_backward, self._no_sync,
-                # a paired loss's own parameters; D learns in its own steps, not from this loss
-                params=[p for p in self._parameters_outside_model() if id(p) not in d_ids],
-            )
-        else:
-            terms = loss_fn(**self.forward(batch["images"], batch["texts"]))
-            self.manual_backward(loss_total(terms))
-            terms = {k: v.detach() for k, v in terms.items()}
-        total = loss_total(terms).detach()
-
-        self._sync_discriminator_buffers()  # every D forward of this step ran its power iteration
-        bad_d = d_stats.pop("d_nonfinite", None) is not None
-        if bad_d or not self._all_ranks_finite(total):
-            self._skip_step(opt, {**terms, **d_stats})
-            return total
-        self._consecutive_nonfinite = 0
-        if d_opt is None:
-            self._sync_discriminator_grads()  # D learns from the same backward, outside DDP
-        if is_sharded(self.model):
-            average_replicated_grads(self.model)
-        if self.grad_clip_norm:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ds.clamp_logit_scale(self.model, self.max_logit_scale)  # DeepSpeed: its fp32 master copy too
-        stats = {**terms, **d_stats}
-        if d_opt is None:
-            stats["grl_weight"] = torch.tensor(self.grl.weight)
-        self._log_train(stats, total, batch)
-        self.lr_schedulers().step()
-        return total
+    def after_backward(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        # Every D forward of this step ran its power iteration (see _sync_discriminator_buffers).
+        self._sync_discriminator_buffers()
+        stats, self._critic_stats = self._critic_stats, {}
+        return stats
 
     # -- evaluation --------------------------------------------------------------------------
     def _prepare_eval(self, split: str) -> None:

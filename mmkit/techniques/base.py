@@ -8,6 +8,7 @@ prediction and export. A technique subclass provides ``compute_loss`` and whatev
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -23,10 +24,7 @@ from mmkit.models.spec import ModelSpec
 from mmkit.parallel import deepspeed_support as ds
 from mmkit.training.grad_cache import chunked_backward
 from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
-from mmkit.parallel.fsdp2_sharding import (
-    average_replicated_grads, clip_grad_norm_, full_state_dict, is_sharded, shard_dual_encoder,
-    split_replicated_groups,
-)
+from mmkit.parallel.ops import parallel_ops
 from mmkit.run_folder import run_folder
 
 
@@ -126,8 +124,7 @@ class DualEncoderModule(L.LightningModule):
         # Idempotent: Lightning may call it more than once, and the model may be built earlier.
         if self.model is None:
             self.model = self.spec.build()
-        if self.device_mesh is not None and not is_sharded(self.model):  # ModelParallelStrategy: FSDP2
-            shard_dual_encoder(self.model, self.device_mesh["data_parallel"])
+        parallel_ops(self).shard(self.model)  # FSDP2: the towers' blocks; otherwise nothing
 
     @property
     def preprocessing(self):
@@ -150,96 +147,81 @@ class DualEncoderModule(L.LightningModule):
         detached statistics, logged but not optimised)."""
         raise NotImplementedError
 
-    def add_penalty_gradients(self) -> dict[str, Tensor]:
-        """Hook for parameter-space penalties (e.g. EWC): add their gradient to ``p.grad`` directly
-        (after the data loss's backward and DDP's all-reduce; the penalty must be the same on every
-        rank) and return their values as named ``*_loss`` terms. Default: none."""
+    def training_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        """Hook: the terms the training step back-propagates, from the model outputs of the whole
+        batch (also under exact chunked accumulation). Default: ``compute_loss``; AlignGAN puts
+        its critic steps here."""
+        return self.compute_loss(outputs, batch)
+
+    def parameter_penalty(self) -> dict[str, Tensor]:
+        """Hook for parameter-space penalties (e.g. EWC): named ``*_loss`` terms, differentiable in
+        the parameters and the same on every rank. The step back-propagates them once, with the
+        data loss's gradient reduction, whatever the strategy. Default: none."""
         return {}
 
-    def backward_penalty_terms(self) -> dict[str, Tensor]:
-        """Hook for parameter-space penalties that must go through the backward pass instead
-        (DeepSpeed ZeRO, whose backward reduces and partitions the gradients, so nothing can be
-        added to ``p.grad`` afterwards): named ``*_loss`` terms, differentiable in the parameters
-        and the same on every rank. Added to the loss of a plain step; with ``accumulate_chunks``
-        back-propagated once more inside the step's single gradient reduction. Default: none."""
+    def loss_parameters(self) -> list[Tensor]:
+        """Hook: trainable parameters outside the model that ``training_loss`` back-propagates into
+        (e.g. a loss's learned projection): exact chunked accumulation needs
+        them. Default: every trainable parameter of the module that is not the model's."""
+        in_model = {id(p) for p in self.model.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in in_model]
+
+    def after_backward(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Hook run on every rank after the step's backward, before its finiteness check: returns
+        statistics to log with the step. A returned ``*_loss`` that is not finite on some rank
+        skips the step (it is not part of ``train/loss``). Default: none."""
         return {}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if batch["images"].shape[0] == 0 and D.world_size() == 1:
             return None  # every sample of this batch was bad (counted by the data layer)
-        opt = self.optimizers()
-        engine = self.trainer.strategy.model if self._trainer is not None else None
-        penalty = self.backward_penalty_terms()
-        with ds.coalesced_backward(engine, self.accumulate_chunks):  # DeepSpeed: one reduction for all chunks
-            if penalty and self.accumulate_chunks > 1 and loss_total(penalty).requires_grad:
-                with self._no_sync():  # reduced with the chunks' gradients (DDP: by the last chunk)
-                    self.manual_backward(loss_total(penalty))
-            terms = chunked_backward(
-                self.forward,
-                lambda **out: self.compute_loss(out, batch),
-                batch["images"],
-                batch["texts"],
-                self.accumulate_chunks,
-                self.manual_backward,
-                self._no_sync,
-                params=self._parameters_outside_model(),
-            ) if self.accumulate_chunks > 1 else self._plain_backward(batch, penalty)
+        ops = parallel_ops(self)
+        opt = self._main_optimizer()
+        penalty = self.parameter_penalty()
+        with ops.backward_scope(self.accumulate_chunks):  # DeepSpeed ZeRO: one reduction for all chunks
+            if self.accumulate_chunks > 1:
+                if penalty and loss_total(penalty).requires_grad:
+                    with ops.no_sync():  # reduced with the chunks' gradients (by the last chunk)
+                        self.manual_backward(loss_total(penalty))
+                terms = chunked_backward(
+                    self.forward, lambda **out: self.training_loss(out, batch), batch["images"], batch["texts"],
+                    self.accumulate_chunks, self.manual_backward, ops.no_sync, params=self.loss_parameters(),
+                )
+            else:
+                terms = self.training_loss(self.forward(batch["images"], batch["texts"]), batch)
+                self.manual_backward(loss_total(terms) + loss_total(penalty))
+                terms = {k: v.detach() for k, v in terms.items()}
         terms.update({k: v.detach() for k, v in penalty.items()})
-        terms.update(self.add_penalty_gradients())
+        stats = self.after_backward(terms)
         total = loss_total(terms).detach()
 
-        if not self._all_ranks_finite(total):
-            self._skip_step(opt, terms)
+        if not self._all_ranks_finite(total + loss_total(stats)):
+            self._skip_step(opt, {**terms, **stats}, batch_idx)
             return total
         self._consecutive_nonfinite = 0
-        if is_sharded(self.model):  # the temperature and modules beside the model (heads, a loss's projection)
-            average_replicated_grads(self)
-        if self.grad_clip_norm:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm")
+        ops.after_backward()  # gradients the strategy did not reduce (replicated beside FSDP2, outside DDP)
+        ops.clip_gradients(opt, self.grad_clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ds.clamp_logit_scale(self.model, self.max_logit_scale)  # DeepSpeed: its fp32 master copy too
-        self._log_train(terms, total, batch)  # before the scheduler moves on: logs the LR this step used
-        self.lr_schedulers().step()
+        ops.clamp_(self.model.log_scale_parameter(), 0.0, math.log(self.max_logit_scale))
+        self._log_train({**terms, **stats}, total, batch)  # before the scheduler moves on: the LR this step used
+        self._main_scheduler().step()
         return total
 
-    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if by_norm and self.model is not None and is_sharded(self.model):
-            # FSDP2: torch's clip refuses sharded gradients mixed with replicated non-scalar ones
-            # (MetricAlign's heads, a loss's projection, AlignGAN's D): clip them as one norm here.
-            clip_grad_norm_(params, gradient_clip_val)
-            return
-        if by_norm and not ds.holds(self.model) and getattr(optimizer, "defaults", {}).get("fused"):
-            # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (made for
-            # fp16's scaler, which the fused kernel unscales itself); fused is never chosen with
-            # fp16 (configure_optimizers), so the gradients here are unscaled: clip them directly.
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            return
-        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+    def _main_optimizer(self):
+        opts = self.optimizers()
+        return opts[0] if isinstance(opts, (list, tuple)) else opts
 
-    def _parameters_outside_model(self) -> list[Tensor]:
-        # Trainable parameters a loss owns (e.g. KD's learned projection): chunked accumulation
-        # must back-propagate the loss into them as well as into the model.
-        in_model = {id(p) for p in self.model.parameters()}
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in in_model]
-
-    def _plain_backward(self, batch: dict, penalty: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        terms = self.compute_loss(self.forward(batch["images"], batch["texts"]), batch)
-        self.manual_backward(loss_total(terms) + loss_total(penalty or {}))
-        return {k: v.detach() for k, v in terms.items()}
-
-    def _no_sync(self):
-        ddp = self.trainer.strategy.model if self._trainer is not None else None
-        return ds.no_sync(ddp)  # DDP's no_sync; under DeepSpeed ZeRO, coalesced_backward defers instead
+    def _main_scheduler(self):
+        scheds = self.lr_schedulers()
+        return scheds[0] if isinstance(scheds, (list, tuple)) else scheds
 
     def _all_ranks_finite(self, total: Tensor) -> bool:
         # All ranks must agree to skip, or DDP would deadlock on the next all-reduce.
         bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=total.device)
         return D.all_reduce_sum(bad).item() == 0
 
-    def _skip_step(self, opt, terms: dict[str, Tensor]) -> None:
+    def _skip_step(self, opt, terms: dict[str, Tensor], batch_idx: int) -> None:
         opt.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
         self._consecutive_nonfinite += 1
@@ -248,7 +230,7 @@ class DualEncoderModule(L.LightningModule):
             bad = [k for k, v in terms.items() if k.endswith("_loss") and not torch.isfinite(v)]
             raise NonFiniteLossError(
                 f"loss was non-finite for {self._consecutive_nonfinite} consecutive steps "
-                f"(last at global step {self.global_step}, batch {self.trainer.fit_loop.batch_idx}); "
+                f"(last at global step {self.global_step}, batch {batch_idx}); "
                 f"non-finite terms on this rank: {bad or 'none (another rank)'}; "
                 "lower the learning rate or check the data"
             )
@@ -261,7 +243,7 @@ class DualEncoderModule(L.LightningModule):
         scale = self.model.log_scale_parameter().exp().detach()
         self.log("train/temperature", 1.0 / scale, batch_size=bs)
         self.log("train/logit_scale", scale, batch_size=bs)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True, batch_size=bs)
+        self.log("train/lr", self._main_scheduler().get_last_lr()[0], prog_bar=True, batch_size=bs)
 
     # -- evaluation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -287,7 +269,7 @@ class DualEncoderModule(L.LightningModule):
                 return self.project({"text_features": self.model(None, tokens)["text_features"]})["text_features"]
 
             # ZeRO-3 gathers parameters only inside a module's forward; this runs outside any.
-            with torch.no_grad(), ds.gathered(self):
+            with torch.no_grad(), parallel_ops(self).gathered(self):
                 self._classifier = build_zeroshot_classifier(class_names, self.zero_shot_templates, encode)
 
     def _eval_class_names(self, split: str) -> list[str] | None:
@@ -349,8 +331,7 @@ class DualEncoderModule(L.LightningModule):
         """AdamW over ``groups`` as every technique builds it: torch's fused kernel where it has one;
         under FSDP2 sharded and replicated parameters in separate groups (torch's fused and foreach
         kernels take one kind of tensor per group)."""
-        if self.model is not None and is_sharded(self.model):
-            groups = split_replicated_groups(groups)
+        groups = parallel_ops(self).optimizer_groups(groups)
         return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=self._fused(groups))
 
     def _fused(self, groups: list[dict]) -> bool | None:
@@ -380,12 +361,10 @@ class DualEncoderModule(L.LightningModule):
             return
         out = Path(self.export_dir) if self.export_dir else run_folder(self.trainer) / "export"  # every rank
         model = self.model
-        if is_sharded(model) or ds.holds(model):
-            # A collective: every rank takes part. DeepSpeed: its fp32 master weights.
-            state = full_state_dict(model) if is_sharded(model) else ds.full_state_dict(model)
-            if self.trainer.is_global_zero:
-                model = self.spec.build()  # an unsharded copy to write from
-                model.load_state_dict(state)
+        state = parallel_ops(self).full_state_dict(model)  # sharded: a collective; DeepSpeed: fp32 master weights
+        if state is not None and self.trainer.is_global_zero:
+            model = self.spec.build()  # an unsharded copy to write from
+            model.load_state_dict(state)
         if not self.trainer.is_global_zero:
             return
         model.export(out)

@@ -7,24 +7,25 @@ epoch ``e`` trains task ``e // epochs_per_task``. At the end of each task the mo
 2. estimates the diagonal empirical Fisher of the finished task on its training data and stores
    it with the parameters' current values as the anchor (``mmkit.losses.ewc``),
 
-and from then on adds ``λ/2 · Σ F_i (θ_i − θ*_i)²`` to the training loss, applied as its analytic
-gradient ``λ F (θ − θ*)`` after the data loss's backward (and DDP's averaging; the Fisher is
-all-reduced, so every rank holds the same penalty), before gradient clipping. Baselines are settings of the same module:
-``ewc_lambda: 0`` is plain fine-tuning, ``importance: uniform`` is L2 to the anchor (F ≡ 1).
+and from then on adds ``λ/2 · Σ F_i (θ_i − θ*_i)²`` to the training loss through the base step's
+``parameter_penalty`` hook: one backward carries it with the data loss, under every strategy, with
+its analytic gradient ``λ F (θ − θ*)`` (``EWCPenalty.loss``; the Fisher is all-reduced, so every
+rank holds the same penalty and the strategy's averaging keeps its gradient as is). Baselines are
+settings of the same module: ``ewc_lambda: 0`` is plain fine-tuning, ``importance: uniform`` is L2
+to the anchor (F ≡ 1).
 
 Strategies (each exact against one process with the whole batch, tested on 2 gloo processes):
 
 - one device, DDP: Fisher and anchors are whole tensors, the same on every rank.
 - FSDP2 (``ModelParallelStrategy``): Fisher and anchors are DTensors in their parameter's layout,
-  so each rank stores its shard; the penalty's value is summed over the shards, its gradient is
-  added to the sharded ``p.grad`` (replicated 0-dim parameters: to their local gradient, before
-  mmkit averages it). FSDP reduces every backward's gradients over ranks before they could be
-  squared, so for the Fisher every rank scores every rank's samples (the estimate costs what it
-  costs on one process; memory stays sharded) and keeps its shard of each squared gradient.
-- DeepSpeed ZeRO-1/2: gradients are reduced and partitioned inside DeepSpeed's backward, so the
-  penalty is instead added to the loss before backward (``backward_penalty_terms``); the Fisher
-  uses ``torch.autograd.grad``, which DeepSpeed's gradient hooks do not see. ZeRO-3 (parameters
-  partitioned) is refused.
+  so each rank stores its shard; the penalty's value is summed over the shards, its gradient lands
+  in the sharded ``p.grad`` (FSDP2 adds the reduced data gradient to it). FSDP reduces every
+  backward's gradients over ranks before they could be squared, so for the Fisher every rank
+  scores every rank's samples (the estimate costs what it costs on one process; memory stays
+  sharded) and keeps its shard of each squared gradient.
+- DeepSpeed ZeRO-1/2: the penalty's gradient goes through DeepSpeed's backward like the data
+  loss's; the Fisher uses ``torch.autograd.grad``, which DeepSpeed's gradient hooks do not see.
+  ZeRO-3 (parameters partitioned) is refused.
 
 The penalty state and the matrix live in the checkpoint, so a run can stop after any task and
 resume (under FSDP the checkpoint holds the whole tensors, gathered to rank 0, which are cut to
@@ -58,7 +59,6 @@ from mmkit.losses.ewc import (
     autograd_grads,
     fisher_in_layout,
     fisher_sums,
-    like,
     local,
     normalize_mean,
     reduce_fisher,
@@ -67,10 +67,9 @@ from mmkit.metrics.continual import ContinualMatrix
 from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.spec import ModelSpec
-from mmkit.parallel import deepspeed_support as ds
+from mmkit.parallel.ops import parallel_ops
 from mmkit.techniques.base import DualEncoderModule
 from mmkit.training.optim import param_groups
-from mmkit.parallel.fsdp2_sharding import is_sharded
 from mmkit.run_folder import run_folder
 
 _STREAM_API = ("num_tasks", "task_names", "task_of_epoch", "is_task_end", "task_loader", "epochs_per_task")
@@ -173,7 +172,7 @@ class EWCIncremental(DualEncoderModule):
         return self.matrix
 
     def _tracked(self) -> dict[str, nn.Parameter]:
-        _reshard(self.model)  # FSDP2: the parameters as the optimizer holds them (sharded DTensors)
+        parallel_ops(self).reshard(self.model)  # FSDP2: the parameters as the optimizer holds them (sharded DTensors)
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_fit_start(self) -> None:
@@ -184,17 +183,12 @@ class EWCIncremental(DualEncoderModule):
     def _check_strategy(self) -> None:
         # ZeRO-3 marks the parameters it partitions with ``ds_id``; they are gathered only inside
         # a forward, so neither the Fisher estimate nor the penalty could read them.
-        if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+        if parallel_ops(self).partitions_parameters:
             raise NotImplementedError(
                 "EWCIncremental does not run under DeepSpeed ZeRO stage 3 (parameters partitioned over ranks): "
                 "use ZeRO stage 1 or 2 (e.g. recipes/deepspeed/zero2.json) or FSDP2 "
                 "(lightning.pytorch.strategies.ModelParallelStrategy), which EWCIncremental supports"
             )
-
-    def _penalty_in_backward(self) -> bool:
-        # DeepSpeed ZeRO-1/2 holds the parameters (ZeRO-3 is refused above): its backward reduces and
-        # partitions the gradients, so the penalty must be part of that backward.
-        return ds.holds(self.model)
 
     def on_train_start(self) -> None:
         self.penalty.place(self._tracked())  # on the device; restored whole tensors cut to FSDP shards
@@ -212,25 +206,8 @@ class EWCIncremental(DualEncoderModule):
                 self.lr_schedulers().step()  # the schedule reads the new start: back to warmup
 
     # -- training ------------------------------------------------------------------------------
-    def add_penalty_gradients(self) -> dict[str, Tensor]:
-        if self._penalty_in_backward():
-            return {}  # already in the backward pass (backward_penalty_terms)
-        params = self._tracked()
-        value, grads = self.penalty(params, self.ewc_lambda)  # FSDP: local shards; value all-reduced
-        with torch.no_grad():
-            for name, g in grads.items():
-                p = params[name]
-                g = like(g.to(p.dtype), p)  # a DTensor in the layout of p (and of its sharded grad)
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
-        return {"ewc_loss": value}
-
-    def backward_penalty_terms(self) -> dict[str, Tensor]:
-        if not self._penalty_in_backward():
-            return {}
-        # The same value on every rank: DeepSpeed's averaging over ranks keeps its gradient as is.
+    def parameter_penalty(self) -> dict[str, Tensor]:
+        # The same value on every rank; its gradient λ F (θ − θ*) is the analytic one (EWCPenalty.loss).
         return {"ewc_loss": self.penalty.loss(self._tracked(), self.ewc_lambda)}
 
     def on_train_epoch_end(self) -> None:
@@ -259,7 +236,7 @@ class EWCIncremental(DualEncoderModule):
         self.model.eval()
         rows: dict[str, list[float]] = defaultdict(list)
         # FSDP gathers parameters inside every forward: all ranks must run the same number of them.
-        lockstep = is_sharded(_reshard(self.model))
+        lockstep = parallel_ops(self).shards_parameters
         try:
             classifier = self._zero_shot_classifier()
             for task in range(dm.num_tasks):
@@ -312,7 +289,7 @@ class EWCIncremental(DualEncoderModule):
         per_rank = math.ceil(self.fisher_samples / D.world_size())
         batches = _take(((b["images"], b["texts"]) for b in loader if b["images"].shape[0] > 0), per_rank)
         params = self._tracked()  # (resharded first)
-        sharded = is_sharded(self.model)
+        sharded = parallel_ops(self).shards_parameters
         if sharded:
             # FSDP averages each backward's gradients over ranks (reduce-scatter) before anyone could
             # square them: so every rank scores every rank's samples, one backward each, and squares
@@ -406,19 +383,6 @@ class EWCIncremental(DualEncoderModule):
         self.penalty.load_state_dict(state["penalty"])
         self._task, self._task_start_step = int(state["task"]), int(state["task_start_step"])
         self.matrix, self._matrix_state = None, state["matrix"]
-
-
-def _reshard(model: nn.Module) -> nn.Module:
-    """Free FSDP2's unsharded parameters and register the sharded ones again. A forward without a
-    backward (evaluation) leaves the root's parameters unsharded (FSDP2 does not reshard the root
-    after forward), and ``named_parameters()`` would then return whole plain tensors. Local, no
-    communication; a no-op without FSDP."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-    return model
 
 
 def _take(batches, n: int):

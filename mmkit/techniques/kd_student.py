@@ -12,7 +12,7 @@ aside). So it is in neither the optimizer, nor the Lightning checkpoint's ``stat
 checkpoint holds the student and the loss's projection only, and resuming rebuilds the teacher
 from its spec), nor the exported student, nor DDP/FSDP wrapping; the module moves it to its own
 device when it uses it. It stays in eval mode whatever ``train()`` is called with. Under FSDP2
-(a device mesh) it is sharded on its own (``sharding.shard_frozen``, same data-parallel mesh):
+(a device mesh) it is sharded on its own (``mmkit.parallel.ops``'s ``shard_frozen``, same data-parallel mesh):
 each rank keeps about 1/N of its weights, and each teacher call gathers them block by block.
 
 Inputs: teacher and student may use different transforms and tokenizers. ``preprocessing``
@@ -35,16 +35,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmkit.data.teacher_embeddings import TeacherEmbeddings
 from mmkit.losses.distillation import DistillationLoss
-from mmkit.models.dual_encoder import DualEncoder
 from mmkit.models.single_tower_student import SingleTowerStudent
 from mmkit.models.spec import ModelSpec
 from mmkit.models.teacher import FrozenTeacher, StudentTeacherPreprocessing, Teacher
+from mmkit.parallel.ops import parallel_ops
 from mmkit.techniques.base import DualEncoderModule
-from mmkit.parallel.fsdp2_sharding import is_sharded, shard_frozen
 
 _TOWERS = ("both", "image", "text")
 _SPLITS = ("train", "val", "test")
@@ -118,10 +117,10 @@ class KDStudent(DualEncoderModule):
                 f"{self.model.embed_dim} != teacher width {teacher_dim} (choose a student architecture with embed_dim {teacher_dim})"
             )
         self.loss.setup_dims(self.model.embed_dim, teacher_dim)  # the learned projection, if the widths differ
-        if self.device_mesh is not None and self.teacher_spec is not None and not is_sharded(self.teacher):
+        if self.teacher_spec is not None and parallel_ops(self).shards_parameters:
             # FSDP2: split the frozen teacher's weights over the data-parallel ranks too (built
             # now, on every rank alike: its build is seeded); it is gathered block by block in forward.
-            shard_frozen(self.teacher, self.device_mesh["data_parallel"])
+            parallel_ops(self).shard_frozen(self.teacher)
 
     @property
     def preprocessing(self):
@@ -141,7 +140,7 @@ class KDStudent(DualEncoderModule):
             if self.teacher_spec is None:
                 raise ValueError("KDStudent: this needs the live teacher, but `teacher` is not set")
             object.__setattr__(self, "_teacher", self.teacher_spec.build())
-        if self._teacher.device != self.device and not is_sharded(self._teacher):  # FSDP placed a sharded one
+        if self._teacher.device != self.device and not parallel_ops(self).shards_parameters:  # FSDP placed a sharded one
             self._teacher.to(self.device)
         return self._teacher
 

@@ -1,7 +1,6 @@
 """Hinge ranking losses (RankingLoss / TripletLoss), negative selection and the memory queue,
 each against a reference written here with explicit loops over anchors and negatives."""
 
-import math
 
 import pytest
 import torch

@@ -22,11 +22,12 @@ import torch
 
 from mmkit import AlignGAN, KDStudent, MetricAlign
 from mmkit.data import ImageTextDataModule, SyntheticShapes
-from mmkit.losses import DistillationLoss, RankingLoss
+from mmkit.losses import ClipLoss, DistillationLoss, RankingLoss
 from mmkit.models import OpenCLIP, Teacher
 
 ARCH = str(Path(__file__).parents[1] / "models" / "tiny_test_arch.json")
-SETTINGS = ("metric_align", "align_gan_alternating", "align_gan_reversal", "kd_student", "kd_student_chunked")
+SETTINGS = ("metric_align", "align_gan_alternating", "align_gan_reversal", "align_gan_owned_loss", "kd_student",
+            "kd_student_chunked")
 CLIP = 0.05  # below every setting's gradient norm: the step clips sharded and replicated gradients together
 
 
@@ -48,6 +49,20 @@ def _teacher_arch(out: Path) -> str:
     return str(path)
 
 
+class ProjectedClipLoss(torch.nn.Module):
+    """A paired loss with parameters of its own (a learned map of the image features before
+    InfoNCE): they sit beside the model, replicated under FSDP2, and need their gradient averaged."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim)
+        self.clip = ClipLoss()
+
+    def forward(self, image_features, text_features, logit_scale, **_):
+        image = torch.nn.functional.normalize(self.proj(image_features), dim=-1)
+        return self.clip(image_features=image, text_features=text_features, logit_scale=logit_scale)
+
+
 def _build(name: str, out: Path):
     """The module of a setting, the encoder step whose gradients are saved, and the step count."""
     torch.manual_seed(0)
@@ -59,9 +74,10 @@ def _build(name: str, out: Path):
         return module, 1, 2
     if name.startswith("align_gan"):
         # BCE without dropout or gradient penalty: nothing random, so 2 x b must equal 1 x 2b.
-        mode = "alternating" if name.endswith("alternating") else "gradient_reversal"
-        module = AlignGAN(OpenCLIP(ARCH), objective="bce", mode=mode, n_critic=2, adv_weight=0.5, d_lr=1e-2,
-                          spectral_norm=True, grl_schedule="constant", **common)
+        mode = "gradient_reversal" if name.endswith("reversal") else "alternating"
+        loss = ProjectedClipLoss(16) if name.endswith("owned_loss") else None
+        module = AlignGAN(OpenCLIP(ARCH), loss=loss, objective="bce", mode=mode, n_critic=2, adv_weight=0.5,
+                          d_lr=1e-2, spectral_norm=True, grl_schedule="constant", **common)
         return module, 0, 1
     if name.startswith("kd_student"):
         # Chunked: the sharded teacher runs per chunk, the loss's replicated projection gets its
@@ -95,8 +111,9 @@ def _extra(name: str, module, trainer) -> dict:
     if name == "metric_align":
         return {"memory": [t.clone() for t in module.loss[0].memory.entries()]}
     if name.startswith("align_gan"):
-        extra = {"discriminator": {k: v.detach().clone() for k, v in module.discriminator.state_dict().items()}}
-        if name.endswith("alternating"):
+        extra = {"discriminator": {k: v.detach().clone() for k, v in module.discriminator.state_dict().items()},
+                 "loss": {k: v.detach().clone() for k, v in module.loss.state_dict().items()}}
+        if not name.endswith("reversal"):
             extra["d_steps"] = sorted({int(s["step"]) for s in trainer.optimizers[1].state.values()})
         return extra
     from torch.distributed.fsdp import FSDPModule

@@ -93,6 +93,7 @@ def _engine_worker(rank: int, world: int, out: str) -> None:
 
     from mmkit import distributed as D
     from mmkit.parallel import deepspeed_support as ds
+    from mmkit.parallel.ops import parallel_ops
     from mmkit.training.grad_cache import chunked_backward
 
     ds.patch_scalar_params()  # what mmkit's configure_model does under DeepSpeedStrategy
@@ -123,7 +124,7 @@ def _engine_worker(rank: int, world: int, out: str) -> None:
             engine.backward(loss)
         grads = {n: safe_get_full_grad(p).clone() for n, p in module.named_parameters()}  # collectives
         engine.step()
-        ds.clamp_logit_scale(module.model, MAX_SCALE)
+        parallel_ops(module).clamp_(module.model.log_scale_parameter(), 0.0, math.log(MAX_SCALE))
         state = ds.full_state_dict(module)  # fp32 master weights, gathered
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=name.startswith("zero3")):
             working = {n: p.detach().clone() for n, p in module.named_parameters()}  # the model's own copy

@@ -132,7 +132,10 @@ def _worker(rank: int, world: int, out: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from mmkit import distributed as D
+    import math
+
     from mmkit.parallel import deepspeed_support as ds
+    from mmkit.parallel.ops import parallel_ops
     from mmkit.techniques.base import loss_total
 
     ds.patch_scalar_params()  # what mmkit's setup does under DeepSpeedStrategy
@@ -160,10 +163,10 @@ def _worker(rank: int, world: int, out: str) -> None:
 
             terms = deepspeed_cpu.in_engine_forward(engine, module, step)
             if name == "align_gan":
-                module._sync_discriminator_grads()  # training_step's call after the backward
+                parallel_ops(module).after_backward()  # training_step's call after the backward
             grads = {n: safe_get_full_grad(p).clone() for n, p in module.named_parameters() if p.requires_grad}
             engine.step()
-            ds.clamp_logit_scale(module.model, MAX_SCALE)
+            parallel_ops(module).clamp_(module.model.log_scale_parameter(), 0.0, math.log(MAX_SCALE))
             loss = loss_total(terms).detach().clone()
             dist.all_reduce(loss)
             steps.append({"loss": loss / world, "grads": grads})

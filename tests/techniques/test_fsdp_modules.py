@@ -99,6 +99,19 @@ def test_align_gan_keeps_the_replicated_discriminator_identical(fsdp, tmp_path, 
 
 
 @pytest.mark.slow
+def test_align_gan_averages_the_gradients_of_a_paired_loss_that_owns_parameters(fsdp, tmp_path):
+    """A paired loss with its own (replicated) parameters: under FSDP2 their gradients must be
+    averaged over ranks like the temperature's and D's, or each rank steps on its own half batch
+    and the loss's weights drift apart (they did before the base step owned AlignGAN's step)."""
+    name = "align_gan_owned_loss"
+    ranks, single = _load(fsdp, name, 2), _single(tmp_path, name)
+    _assert_same_step(ranks, single, ("loss.proj.weight", "loss.proj.bias", "model.clip.logit_scale"))
+    for key, value in single["loss"].items():
+        assert torch.equal(ranks[0]["loss"][key], ranks[1]["loss"][key]), f"loss.{key} differs between ranks"
+        assert torch.allclose(ranks[0]["loss"][key], value, atol=1e-5, rtol=1e-5), f"loss.{key}"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["kd_student", "kd_student_chunked"])
 def test_kd_student_shards_the_frozen_teacher_and_takes_the_same_step(fsdp, tmp_path, name):
     """Also with accumulate_chunks 2: the sharded teacher runs chunk by chunk on both ranks."""
