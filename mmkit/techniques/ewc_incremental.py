@@ -69,7 +69,7 @@ from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, 
 from mmkit.models.spec import ModelSpec
 from mmkit.parallel import deepspeed_support as ds
 from mmkit.techniques.base import DualEncoderModule
-from mmkit.training.optim import param_groups
+from mmkit.training.optim import param_groups, warmup_cosine_factor
 from mmkit.parallel.fsdp2_sharding import is_sharded
 from mmkit.run_folder import run_folder
 
@@ -378,16 +378,10 @@ class EWCIncremental(DualEncoderModule):
 
     def _lr_factor(self) -> float:
         """Warmup + cosine within the current task, from the steps taken since it started."""
-        step = self.global_step - self._task_start_step
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
         total = math.inf
         if self._trainer is not None and self.trainer.datamodule is not None:
             total = self.trainer.num_training_batches * getattr(self.trainer.datamodule, "epochs_per_task", 1)
-        if not math.isfinite(total) or total <= self.warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_cosine_factor(self.global_step - self._task_start_step, self.warmup_steps, total, self.min_lr_ratio)
 
     # -- checkpoint ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
