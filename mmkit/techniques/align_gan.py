@@ -254,25 +254,24 @@ class AlignGAN(DualEncoderModule):
         return stats
 
     # -- evaluation --------------------------------------------------------------------------
-    def _prepare_eval(self, split: str) -> None:
-        super()._prepare_eval(split)
+    def on_eval_start(self, split: str) -> None:
+        super().on_eval_start(split)
         self._gap[split] = self._gap[split].to(self.device)
         self._gap[split].reset()
         self._d_scores[split] = ([], [])
 
     @torch.no_grad()
-    def _update_eval_metrics(self, outputs: dict[str, Tensor], batch: dict, split: str) -> None:
-        image, text = outputs["image_features"], outputs["text_features"]
+    def update_eval_metrics(self, features: dict[str, Tensor], batch: dict, split: str) -> None:
+        image, text = features["image_features"], features["text_features"]
         self._gap[split].update(image, text)
         self._d_scores[split][0].append(self.discriminator(image).float())
         self._d_scores[split][1].append(self.discriminator(text).float())
 
-    def _eval_epoch_end(self, split: str) -> None:
-        super()._eval_epoch_end(split)
+    def eval_metrics(self, split: str) -> dict[str, Tensor]:
         # All computed over the whole split (every rank's rows), so identical on every rank.
-        metrics = {"modality_gap": self._gap[split].compute().float(), **self._discriminator_metrics(split)}
-        for name, value in metrics.items():
-            self.log(f"{split}/{name}", value, rank_zero_only=False, sync_dist=False)
+        metrics = super().eval_metrics(split)
+        metrics["modality_gap"] = self._gap[split].compute().float()
+        return {**metrics, **self._discriminator_metrics(split)}
 
     def _discriminator_metrics(self, split: str) -> dict[str, Tensor]:
         """D's accuracy and ROC AUC over the split (0.5: the modalities are indistinguishable)."""

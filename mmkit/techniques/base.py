@@ -8,12 +8,14 @@ prediction and export. A technique subclass provides ``compute_loss`` and whatev
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch import Tensor
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
 
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
@@ -37,8 +39,55 @@ def loss_total(terms: dict[str, Tensor]) -> Tensor:
     return sum(v for k, v in terms.items() if k.endswith("_loss"))
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """``module`` and its submodules in eval mode, each put back in its own mode afterwards (a
+    locked tower or a teacher may be in eval mode inside a training module)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _update_scores(retrieval: RetrievalMetrics, zeroshot: ZeroShotAccuracy, classifier: Tensor | None,
+                   features: dict[str, Tensor], batch: dict) -> None:
+    retrieval.update(features["image_features"], features["text_features"], batch["image_id"], batch.get("index"))
+    if classifier is not None and "label" in batch:
+        zeroshot.update(features["image_features"], batch["label"], classifier)
+
+
+def _scores(retrieval: RetrievalMetrics, zeroshot: ZeroShotAccuracy | None) -> dict[str, Tensor]:
+    """The evaluation keys: retrieval's, and zero-shot's as ``zeroshot_<key>`` (None: no classifier)."""
+    metrics = retrieval.compute()
+    if zeroshot is not None:
+        metrics.update({f"zeroshot_{k}": v for k, v in zeroshot.compute().items()})
+    return metrics
+
+
 class DualEncoderModule(L.LightningModule):
     """Shared training/evaluation machinery (see module docstring).
+
+    A technique overrides public hooks only (none of the underscore-named methods):
+
+    - ``compute_loss(outputs, batch)``: the named ``*_loss`` terms (required).
+    - ``project(outputs)``: map the model's features before the loss, evaluation and prediction.
+    - training, in step order: ``parameter_penalty()`` (parameter-space terms, e.g. EWC's);
+      ``training_loss(outputs, batch)`` (what is back-propagated; default ``compute_loss``);
+      ``loss_parameters()`` (a loss's own parameters, for exact chunked accumulation);
+      ``after_backward(terms)`` (statistics to log; a non-finite ``*_loss`` skips the step).
+      Everything strategy-specific goes through ``mmkit.parallel.ops``.
+    - evaluation, called for ``split`` ``"val"`` or ``"test"``, in this order:
+      ``on_eval_start(split)`` once before the pass; per batch, after ``compute_loss``,
+      ``eval_features(outputs, batch, split)`` (the features that are scored) and
+      ``update_eval_metrics(features, batch, split)``; ``eval_metrics(split)`` once after the
+      pass, a dict logged as ``<split>/<name>``. Overrides of ``on_eval_start`` and
+      ``eval_metrics`` call ``super()``.
+
+    Public helpers for a technique's own evaluation: ``zero_shot_classifier(class_names)`` and
+    ``score_loader(loader, classifier)`` (the scores an evaluation pass logs, for any loader).
 
     Args:
         model: the model spec (towers, locking, similarity head).
@@ -247,30 +296,82 @@ class DualEncoderModule(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._prepare_eval("val")
+        self.on_eval_start("val")
 
     def on_test_epoch_start(self) -> None:
-        self._prepare_eval("test")
+        self.on_eval_start("test")
 
-    def _prepare_eval(self, split: str) -> None:
-        self._retrieval[split] = self._retrieval[split].to(self.device)
-        self._retrieval[split].reset()
-        self._zeroshot[split] = self._zeroshot[split].to(self.device)
-        self._zeroshot[split].reset()
-        self._classifier = None
+    def on_eval_start(self, split: str) -> None:
+        """Hook: before a validation (``split="val"``) or test (``"test"``) pass: resets the
+        split's metrics and builds its zero-shot classifier. An override resets its own metrics
+        too and calls ``super().on_eval_start(split)``."""
+        for metrics in (self._retrieval, self._zeroshot):
+            metrics[split] = metrics[split].to(self.device)
+            metrics[split].reset()
         class_names = zero_shot_class_names(self.zero_shot_classes, self._eval_class_names(split), f"{split} data")
-        if class_names:
-            tokenize = self.preprocessing.tokenize
+        self._classifier = self.zero_shot_classifier(class_names)
 
-            def encode(prompts: list[str]) -> Tensor:
-                tokens = tokenize(prompts)
-                tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(self.device)
-                # Through the model's own forward (not encode_text): FSDP2 gathers the root there.
-                return self.project({"text_features": self.model(None, tokens)["text_features"]})["text_features"]
+    def zero_shot_classifier(self, class_names: list[str]) -> Tensor | None:
+        """(C, D) normalised class embeddings of the current weights for ``class_names`` (row i
+        scores label i), from ``zero_shot_templates``; None without names. The prompts go through
+        the model's forward and ``project``, like the texts evaluation scores, in eval mode and
+        without gradients. Under ZeRO-3 a collective: every rank must call it."""
+        if not class_names:
+            return None
+        tokenize = self.preprocessing.tokenize
 
-            # ZeRO-3 gathers parameters only inside a module's forward; this runs outside any.
-            with torch.no_grad(), parallel_ops(self).gathered(self):
-                self._classifier = build_zeroshot_classifier(class_names, self.zero_shot_templates, encode)
+        def encode(prompts: list[str]) -> Tensor:
+            tokens = move_data_to_device(tokenize(prompts), self.device)
+            # Through the model's own forward (not encode_text): FSDP2 gathers the root there.
+            return self.project({"text_features": self.model(None, tokens)["text_features"]})["text_features"]
+
+        # ZeRO-3 gathers parameters only inside a module's forward; this runs outside any.
+        with torch.no_grad(), parallel_ops(self).gathered(self), _eval_mode(self):
+            return build_zeroshot_classifier(class_names, self.zero_shot_templates, encode)
+
+    def eval_features(self, outputs: dict[str, Tensor], batch: dict, split: str) -> dict[str, Tensor]:
+        """Hook: the features evaluation scores for an eval batch (retrieval, zero-shot and
+        ``update_eval_metrics``), from the batch's model ``outputs`` (after ``project``), which it
+        must not modify. Default: the outputs (KDStudent: a single-tower student's missing
+        modality from its teacher)."""
+        return outputs
+
+    def update_eval_metrics(self, features: dict[str, Tensor], batch: dict, split: str) -> None:
+        """Hook: feed a technique's own evaluation metrics with an eval batch's features (those
+        of ``eval_features``); reset them in ``on_eval_start``, report them from
+        ``eval_metrics``. Default: none."""
+
+    def eval_metrics(self, split: str) -> dict[str, Tensor]:
+        """Hook: the split's metrics at the end of its pass, computed over the whole split (every
+        rank's rows) so identical on every rank; each is logged as ``<split>/<name>``. Default:
+        retrieval Recall@K / median rank and, with a classifier, ``zeroshot_top<k>``. An
+        override adds its own to ``super().eval_metrics(split)``."""
+        return _scores(self._retrieval[split], self._zeroshot[split] if self._classifier is not None else None)
+
+    @torch.no_grad()
+    def score_loader(self, loader, classifier: Tensor | None = None, split: str = "val") -> dict[str, Tensor]:
+        """Retrieval (and, given a ``classifier`` from ``zero_shot_classifier``, zero-shot) scores
+        of the current weights over ``loader`` (this rank's share of the data), with the keys and
+        values an evaluation pass logs, outside Lightning's loops (e.g. EWCIncremental's per-task
+        evaluation during ``fit``). Runs in eval mode; empty when no rank had a sample. A
+        collective: every rank must call it, with the same number of batches."""
+        retrieval, zeroshot = RetrievalMetrics().to(self.device), ZeroShotAccuracy().to(self.device)
+        rows = 0
+        with _eval_mode(self):
+            for batch in loader:
+                batch = move_data_to_device(batch, self.device)
+                if batch["images"].shape[0] == 0:  # every sample of the batch was bad
+                    if D.world_size() > 1:
+                        # A sharded model (FSDP2, ZeRO-3) gathers its parameters inside every
+                        # forward: all ranks must run the same number of them.
+                        self.model(batch["images"], batch["texts"])
+                    continue
+                features = self.eval_features(self.forward(batch["images"], batch["texts"]), batch, split)
+                _update_scores(retrieval, zeroshot, classifier, features, batch)
+                rows += batch["images"].shape[0]
+        if D.all_reduce_sum(torch.tensor([float(rows)], device=self.device)).item() == 0:
+            return {}
+        return _scores(retrieval, zeroshot if classifier is not None else None)
 
     def _eval_class_names(self, split: str) -> list[str] | None:
         # The data module's source for the split (a DataLoader wraps it in batch fetchers).
@@ -285,20 +386,12 @@ class DualEncoderModule(L.LightningModule):
             terms = self.compute_loss(out, batch)
         bs = int(batch["images"].shape[0])
         self.log(f"{split}/loss", loss_total(terms), batch_size=bs, sync_dist=True)
-        self._retrieval[split].update(out["image_features"], out["text_features"], batch["image_id"], batch.get("index"))
-        if self._classifier is not None and "label" in batch:
-            self._zeroshot[split].update(out["image_features"], batch["label"], self._classifier)
-        self._update_eval_metrics(out, batch, split)
+        features = self.eval_features(out, batch, split)
+        _update_scores(self._retrieval[split], self._zeroshot[split], self._classifier, features, batch)
+        self.update_eval_metrics(features, batch, split)
 
-    def _update_eval_metrics(self, outputs: dict[str, Tensor], batch: dict, split: str) -> None:
-        """Hook: feed a technique's own evaluation metrics with an eval batch's model outputs
-        (reset them in ``_prepare_eval``, log them in ``_eval_epoch_end``). Default: none."""
-
-    def _eval_epoch_end(self, split: str) -> None:
-        metrics = self._retrieval[split].compute()
-        if self._classifier is not None:
-            metrics.update({f"zeroshot_{k}": v for k, v in self._zeroshot[split].compute().items()})
-        for name, value in metrics.items():
+    def _log_eval_metrics(self, split: str) -> None:
+        for name, value in self.eval_metrics(split).items():
             # Already identical on every rank (computed over the gathered split).
             self.log(f"{split}/{name}", value.float(), rank_zero_only=False, sync_dist=False)
 
@@ -306,13 +399,13 @@ class DualEncoderModule(L.LightningModule):
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        self._log_eval_metrics("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self._log_eval_metrics("test")
 
     # -- prediction --------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:

@@ -64,12 +64,11 @@ from mmkit.losses.ewc import (
     reduce_fisher,
 )
 from mmkit.metrics.continual import ContinualMatrix
-from mmkit.metrics.retrieval import RetrievalMetrics
-from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
+from mmkit.metrics.zeroshot import zero_shot_class_names
 from mmkit.models.spec import ModelSpec
 from mmkit.parallel.ops import parallel_ops
 from mmkit.techniques.base import DualEncoderModule
-from mmkit.training.optim import param_groups
+from mmkit.training.optim import param_groups, warmup_cosine_factor
 from mmkit.run_folder import run_folder
 
 _STREAM_API = ("num_tasks", "task_names", "task_of_epoch", "is_task_end", "task_loader", "epochs_per_task")
@@ -228,60 +227,19 @@ class EWCIncremental(DualEncoderModule):
         self._write_report()
 
     # -- per-task evaluation -------------------------------------------------------------------
-    @torch.no_grad()
     def _evaluate_tasks(self) -> dict[str, list[float]]:
-        """Scores of the current weights on every task's validation part (identical on all ranks)."""
-        dm = self._stream()
-        was_training = self.model.training
-        self.model.eval()
-        rows: dict[str, list[float]] = defaultdict(list)
-        # FSDP gathers parameters inside every forward: all ranks must run the same number of them.
-        lockstep = parallel_ops(self).shards_parameters
-        try:
-            classifier = self._zero_shot_classifier()
-            for task in range(dm.num_tasks):
-                retrieval, zeroshot = RetrievalMetrics().to(self.device), ZeroShotAccuracy().to(self.device)
-                n = 0
-                for batch in dm.task_loader(task, "val"):
-                    if batch["images"].shape[0] == 0:
-                        if lockstep:
-                            batch = move_data_to_device(batch, self.device)
-                            self.model(batch["images"], batch["texts"])
-                        continue
-                    batch = move_data_to_device(batch, self.device)
-                    out = self.model(batch["images"], batch["texts"])
-                    retrieval.update(out["image_features"], out["text_features"], batch["image_id"], batch["index"])
-                    if classifier is not None:
-                        zeroshot.update(out["image_features"], batch["label"], classifier)
-                    n += batch["images"].shape[0]
-                if D.all_reduce_sum(torch.tensor([float(n)], device=self.device)).item() == 0:
-                    keys = ["R@1", "R@5", "i2t_R@1", "t2i_R@1"] + (["zeroshot_top1"] if classifier is not None else [])
-                    for key in keys:
-                        rows[key].append(math.nan)
-                    continue
-                m = retrieval.compute()
-                rows["i2t_R@1"].append(float(m["i2t_R@1"]))
-                rows["t2i_R@1"].append(float(m["t2i_R@1"]))
-                rows["R@1"].append(0.5 * (float(m["i2t_R@1"]) + float(m["t2i_R@1"])))
-                rows["R@5"].append(0.5 * (float(m["i2t_R@5"]) + float(m["t2i_R@5"])))
-                if classifier is not None:
-                    rows["zeroshot_top1"].append(float(zeroshot.compute()["top1"]))
-        finally:
-            self.model.train(was_training)
-        return dict(rows)
-
-    def _zero_shot_classifier(self) -> Tensor | None:
+        """Scores of the current weights on every task's validation part (identical on all ranks),
+        through the base's evaluation (``zero_shot_classifier``, ``score_loader``)."""
         dm = self._stream()
         source = dm.stream_val if dm.stream_val is not None else dm.stream_train  # val parts may come from train
         class_names = zero_shot_class_names(self.zero_shot_classes, getattr(source, "class_names", None), "stream's val data")
-        if not class_names:
-            return None
-        tokenize = self.preprocessing.tokenize
-
-        def encode(prompts: list[str]) -> Tensor:
-            return self.model(None, move_data_to_device(tokenize(prompts), self.device))["text_features"]  # FSDP2: via forward
-
-        return build_zeroshot_classifier(class_names, self.zero_shot_templates, encode)
+        classifier = self.zero_shot_classifier(class_names)
+        rows: dict[str, list[float]] = defaultdict(list)
+        for task in range(dm.num_tasks):
+            scores = _matrix_scores(self.score_loader(dm.task_loader(task, "val"), classifier), classifier is not None)
+            for key, value in scores.items():
+                rows[key].append(value)
+        return dict(rows)
 
     # -- Fisher --------------------------------------------------------------------------------
     def _estimate_fisher(self, task: int) -> dict[str, Tensor]:
@@ -355,16 +313,10 @@ class EWCIncremental(DualEncoderModule):
 
     def _lr_factor(self) -> float:
         """Warmup + cosine within the current task, from the steps taken since it started."""
-        step = self.global_step - self._task_start_step
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
         total = math.inf
         if self._trainer is not None and self.trainer.datamodule is not None:
             total = self.trainer.num_training_batches * getattr(self.trainer.datamodule, "epochs_per_task", 1)
-        if not math.isfinite(total) or total <= self.warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_cosine_factor(self.global_step - self._task_start_step, self.warmup_steps, total, self.min_lr_ratio)
 
     # -- checkpoint ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -383,6 +335,20 @@ class EWCIncremental(DualEncoderModule):
         self.penalty.load_state_dict(state["penalty"])
         self._task, self._task_start_step = int(state["task"]), int(state["task_start_step"])
         self.matrix, self._matrix_state = None, state["matrix"]
+
+
+def _matrix_scores(scores: dict[str, Tensor], zero_shot: bool) -> dict[str, float]:
+    """One task's entries of the matrix from ``score_loader``'s scores (NaN: no sample on any rank):
+    ``R@k`` is the mean of image→text and text→image Recall@k."""
+    keys = ["i2t_R@1", "t2i_R@1", "R@1", "R@5"] + (["zeroshot_top1"] if zero_shot else [])
+    if not scores:
+        return dict.fromkeys(keys, math.nan)
+    row = {k: float(scores[k]) for k in ("i2t_R@1", "t2i_R@1")}
+    for k in ("R@1", "R@5"):
+        row[k] = 0.5 * (float(scores[f"i2t_{k}"]) + float(scores[f"t2i_{k}"]))
+    if zero_shot:
+        row["zeroshot_top1"] = float(scores["zeroshot_top1"])
+    return row
 
 
 def _take(batches, n: int):

@@ -100,6 +100,7 @@ class KDStudent(DualEncoderModule):
         self.predict_with = predict_with
         self._stores: dict[str, TeacherEmbeddings] = {}
         self._preprocessing = None
+        self._eval_teacher: tuple[dict, dict[str, Tensor] | None] | None = None  # (batch, its teacher outputs)
         # Held aside, not registered: see the module docstring.
         object.__setattr__(self, "_teacher", None)
         self.save_hyperparameters(ignore=["model", "loss", "teacher"])
@@ -173,23 +174,42 @@ class KDStudent(DualEncoderModule):
         return self.teacher(batch["teacher_images"], batch["teacher_texts"], chunks=self.accumulate_chunks)
 
     def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        """Distillation terms of the whole batch. For a single-tower student the placeholder of
-        the missing modality in ``outputs`` is replaced, in place, by the teacher's features, so
-        evaluation (which reads ``outputs`` afterwards) scores student tower vs teacher tower."""
+        """Distillation terms of the whole batch. For a single-tower student the loss sees the
+        teacher's features in place of the missing modality (``outputs`` is left as it is)."""
         split = "train" if self.training else self._eval_split()
         teacher = self.teacher_outputs(batch, split)
+        if not self.training and self.student_towers != "both":
+            self._eval_teacher = (batch, teacher)  # for eval_features: one teacher forward per eval batch
         if teacher is None:  # evaluation without a teacher for this split
-            if self.student_towers != "both":
-                raise ValueError(
-                    f"KDStudent: evaluating a single-tower student on '{split}' needs the teacher's other tower: "
-                    f"give `teacher` or teacher_embeddings for '{split}'"
-                )
+            self._require_teacher(split)
             return self.loss.student_terms(**outputs)
-        if self.student_towers == "image":
-            outputs["text_features"] = teacher["text_features"]
-        elif self.student_towers == "text":
-            outputs["image_features"] = teacher["image_features"]
-        return self.loss(**outputs, **{f"teacher_{k}": v for k, v in teacher.items()})
+        return self.loss(**self._with_teacher_tower(outputs, teacher), **{f"teacher_{k}": v for k, v in teacher.items()})
+
+    # -- evaluation --------------------------------------------------------------------------
+    def eval_features(self, outputs: dict[str, Tensor], batch: dict, split: str) -> dict[str, Tensor]:
+        """A single-tower student is scored with the teacher's other tower: its own modality's
+        features against the teacher's features of the batch for the missing one."""
+        if self.student_towers == "both":
+            return outputs
+        cached, self._eval_teacher = self._eval_teacher, None
+        teacher = cached[1] if cached is not None and cached[0] is batch else self.teacher_outputs(batch, split)
+        if teacher is None:
+            self._require_teacher(split)
+        return self._with_teacher_tower(outputs, teacher)
+
+    def _with_teacher_tower(self, outputs: dict[str, Tensor], teacher: dict[str, Tensor]) -> dict[str, Tensor]:
+        # A single-tower student's placeholder for the missing modality, replaced by the teacher's.
+        if self.student_towers == "both":
+            return outputs
+        missing = "text_features" if self.student_towers == "image" else "image_features"
+        return {**outputs, missing: teacher[missing]}
+
+    def _require_teacher(self, split: str) -> None:
+        if self.student_towers != "both":
+            raise ValueError(
+                f"KDStudent: evaluating a single-tower student on '{split}' needs the teacher's other tower: "
+                f"give `teacher` or teacher_embeddings for '{split}'"
+            )
 
     def _eval_split(self) -> str:
         return "test" if self._trainer is not None and self.trainer.testing else "val"

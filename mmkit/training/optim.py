@@ -53,17 +53,24 @@ def fused_adamw_supported(groups: list[dict]) -> bool | None:
     return None
 
 
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: float, min_lr_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup from ~0 to
+    1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``total_steps``, held there
+    after it. A schedule of unknown length (``total_steps`` infinite) stays at 1 after the warmup."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not math.isfinite(total_steps):
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from ~0 to the base LR over ``warmup_steps`` optimizer steps, then cosine
-    decay to ``min_lr_ratio`` × base LR at ``total_steps``."""
+    decay to ``min_lr_ratio`` × base LR at ``total_steps`` (``warmup_cosine_factor``)."""
     total_steps = max(total_steps, 1)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_ratio)
+    )

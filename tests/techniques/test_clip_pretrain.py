@@ -15,7 +15,7 @@ from mmkit.data import ImageTextDataModule, SyntheticShapes
 from mmkit.losses import ClipLoss
 from mmkit.models import OpenCLIP
 from mmkit.techniques import NonFiniteLossError
-from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
+from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine, warmup_cosine_factor
 
 
 def _fit(module, tmp_path, steps=2, batch=8, train_size=64, val=None, callbacks=(), **trainer_kw):
@@ -175,6 +175,14 @@ def test_warmup_then_cosine_schedule():
     assert lrs[4] == pytest.approx(1.0)
     assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_warmup_cosine_factor_holds_the_end_and_without_a_length_the_peak():
+    # The one formula of both schedules (the base's, and EWCIncremental's restarted per task).
+    assert warmup_cosine_factor(2, 4, 14, 0.1) == pytest.approx(0.75)
+    assert warmup_cosine_factor(14, 4, 14, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(30, 4, 14, 0.1) == pytest.approx(0.1)
+    assert [warmup_cosine_factor(s, 4, math.inf, 0.1) for s in (0, 3, 4, 10_000)] == pytest.approx([0.25, 1, 1, 1])
 
 
 def test_validation_logs_retrieval_and_zero_shot_metrics(tiny_arch, tmp_path):

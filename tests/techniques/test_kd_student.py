@@ -323,3 +323,28 @@ def test_recipe_runs_through_the_cli_live_and_from_precomputed_embeddings(tiny_a
           "--model.init_args.teacher_embeddings", str(tmp_path / "store" / "embeddings")])
     text = (tmp_path / "pre" / "metrics.csv").read_text()
     assert "train/similarity_kd_loss" in text and "train/feature_kd_loss" in text and "val/i2t_R@1" in text
+
+
+def test_single_tower_loss_leaves_outputs_alone_and_eval_features_reuse_its_teacher_call(tiny_arch, tmp_path):
+    teacher_arch = _arch(tmp_path, "same_space_teacher", embed_dim=16, image_size=24, context_length=12)
+    module = _kd(tiny_arch, Teacher(OpenCLIP(teacher_arch)), student_towers="image")
+    module.configure_model()
+    module.eval()
+    calls = []
+    module.teacher.register_forward_hook(lambda *_: calls.append(1))
+    batch = next(iter(_dm(module, val=SyntheticShapes(8, seed=1, image_size=16)).val_dataloader()))
+    with torch.no_grad():
+        outputs = module(batch["images"], batch["texts"])
+        given = dict(outputs)
+        module.compute_loss(outputs, batch)
+        assert outputs.keys() == given.keys() and all(outputs[k] is given[k] for k in given)  # not modified
+        features = module.eval_features(outputs, batch, "val")
+        assert len(calls) == 1  # the loss's teacher call serves the features too
+        teacher_text = module.teacher(batch["teacher_images"], batch["teacher_texts"])["text_features"]
+        assert features["image_features"] is outputs["image_features"]
+        torch.testing.assert_close(features["text_features"], teacher_text)
+        assert not torch.equal(outputs["text_features"], teacher_text)
+        # Without the loss before it (another batch object), eval_features asks the teacher itself.
+        again = module.eval_features(outputs, dict(batch), "val")
+        assert len(calls) == 3
+        torch.testing.assert_close(again["text_features"], teacher_text)
