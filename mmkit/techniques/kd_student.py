@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from mmkit.data.teacher_embeddings import TeacherEmbeddings
 from mmkit.losses.distillation import DistillationLoss
+from mmkit.losses.protocol import loss_context
 from mmkit.models.dual_encoder import DualEncoder
 from mmkit.models.single_tower_student import SingleTowerStudent
 from mmkit.models.spec import ModelSpec
@@ -185,12 +186,12 @@ class KDStudent(DualEncoderModule):
                     f"KDStudent: evaluating a single-tower student on '{split}' needs the teacher's other tower: "
                     f"give `teacher` or teacher_embeddings for '{split}'"
                 )
-            return self.loss.student_terms(**outputs)
+            return self.loss.student_terms(**outputs, **loss_context(self.global_step, batch))
         if self.student_towers == "image":
             outputs["text_features"] = teacher["text_features"]
         elif self.student_towers == "text":
             outputs["image_features"] = teacher["image_features"]
-        return self.loss(**outputs, **{f"teacher_{k}": v for k, v in teacher.items()})
+        return super().compute_loss({**outputs, **{f"teacher_{k}": v for k, v in teacher.items()}}, batch)
 
     def _eval_split(self) -> str:
         return "test" if self._trainer is not None and self.trainer.testing else "val"
