@@ -60,7 +60,8 @@ class KDStudent(DualEncoderModule):
             optional ``dtype: bf16``). None when training only from ``teacher_embeddings``.
         loss: ``mmkit.losses.DistillationLoss`` (weights of the student's contrastive loss and of
             the similarity, feature and interactive distillation terms). Default: contrastive +
-            similarity distillation, weight 1 each.
+            similarity distillation, weight 1 each. Its ``student_loss`` is any loss of the loss
+            protocol or a list of them; it gets the same context as in every technique.
         student_towers: ``both`` (a dual-encoder student), ``image`` or ``text`` (a single-tower
             student used with the teacher's other tower; needs the teacher's embedding width).
         teacher_embeddings: pre-computed teacher outputs: a store folder for the training split,
