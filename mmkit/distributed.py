@@ -21,11 +21,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and _local_only_depth == 0
 
 
-def in_local_only() -> bool:
-    """Inside ``local_only()`` (whatever the number of processes)."""
-    return _local_only_depth > 0
-
-
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 

@@ -204,9 +204,7 @@ class RankingLoss(PairedLoss):
         count = n_global if self.reduction == "sum" else float(stats[0])
         loss = total * (self.weight / D.mean_divisor(count, partitioned=self.gather))
 
-        # Only global batches go in, so every rank keeps the same queue: not a rank-local pass
-        # under local_only (EWC's Fisher estimate).
-        if self.memory is not None and self.training and not D.in_local_only():
+        if self.memory is not None and self.training:
             feats = torch.cat([all_image.detach(), all_text.detach()])
             if bool(torch.isfinite(feats).all()):  # a skipped (non-finite) step must not poison the queue
                 self.memory.enqueue(all_image.detach(), all_text.detach(), all_ids)

@@ -126,9 +126,6 @@ def test_mean_divisor_on_one_process():
     assert D.mean_divisor(8) == 8.0 and D.mean_divisor(8, partitioned=False) == 8.0
     assert D.mean_divisor(0) == 1.0  # an empty batch gives a loss of 0, not NaN
     assert D.global_mean_divisor(5) == 5.0
-    with D.local_only():
-        assert D.in_local_only()
-    assert not D.in_local_only()
 
 
 def _divisor_worker(rank, world, out_dir):
@@ -150,16 +147,6 @@ def test_mean_divisor_on_two_processes_with_uneven_batches(tmp_path):
         r = torch.load(tmp_path / f"{rank}.pt")
         # 8 rows over 2 ranks: each rank's sum / 4, and the mean of the two is the sum of all / 8.
         assert r == {"global": 4.0, "partitioned": 4.0, "replicated": 8.0, "local_only": float(local)}
-
-
-def test_memory_queue_takes_no_rank_local_pass():
-    loss = RankingLoss(memory_size=8)
-    loss.setup(4)
-    with D.local_only():  # e.g. EWC's Fisher estimate: rows of this rank only
-        loss(**_outputs())
-    assert len(loss.memory) == 0
-    loss(**_outputs())
-    assert len(loss.memory) == 6
 
 
 DOCS = Path(__file__).parents[2] / "docs" / "losses.md"
