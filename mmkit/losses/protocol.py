@@ -28,8 +28,8 @@ DDP's averaging) of one process with batch N·b. Gather features with
 **Declarations**, read by the technique's ``configure_model``:
 
 - ``uses_logit_scale`` (default True): False where the loss never reads the temperature (hinge
-  losses); when no loss of a technique reads it, the temperature is frozen, since DDP would
-  otherwise wait for its gradient forever.
+  losses); when no loss of a technique reads it, the temperature is frozen: DDP's reducer
+  would otherwise wait for its gradient and fail on the next step.
 - ``uses_logit_bias`` (``PairedLoss``: False; SigLIP's loss: True): likewise for the bias.
 - ``setup(embed_dim, device)``: called once the model exists and before DDP wraps the module, to
   create what depends on the embedding width (the memory queue's buffers). Idempotent.

@@ -131,8 +131,8 @@ class DualEncoderModule(L.LightningModule):
             shard_dual_encoder(self.model, self.device_mesh["data_parallel"])
         # The loss's width-dependent state (a memory queue) exists before DDP wraps the module.
         setup_loss(self.loss, self.model.embed_dim, next(self.model.parameters()).device)
-        # A temperature (bias) that no loss reads would get no gradient: freeze it, or DDP would
-        # wait for that gradient forever and AdamW would carry it for nothing.
+        # A temperature (bias) that no loss reads gets no gradient: freeze it, or DDP's reducer
+        # would wait for that gradient (an error on the next step) and AdamW carry it for nothing.
         for param, used in ((self.model.log_scale_parameter(), uses_logit_scale(self.loss)),
                             (self.model.bias_parameter(), uses_logit_bias(self.loss))):
             if isinstance(param, torch.nn.Parameter) and not used:
