@@ -92,6 +92,24 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
     return _all_gather_padded(x, gather_sizes(x.shape[0], x.device))
 
 
+def mean_divisor(count: float, partitioned: bool = True) -> float:
+    """What a rank divides its sum of per-item loss terms by, so that the loss is exact across ranks.
+
+    ``count`` is the number of items the mean runs over (at least 1 is used: no items give a loss
+    of 0, not NaN). ``partitioned``: each rank summed only its own items' terms; the divisor is then
+    ``count`` (over all ranks) / world size, so that the mean of the per-rank values, which DDP's
+    gradient averaging takes, is the mean over all items, also when ranks hold different numbers
+    of them. Not partitioned (a loss every rank computes whole, or one kept on its own rank): the
+    divisor is ``count``.
+    """
+    return max(float(count), 1.0) / (world_size() if partitioned else 1)
+
+
+def global_mean_divisor(local_count: int, device: torch.device | None = None) -> float:
+    """``mean_divisor`` of every rank's ``local_count`` added up (one all_gather of an integer)."""
+    return mean_divisor(sum(gather_sizes(local_count, device)))
+
+
 def all_reduce_sum(x: Tensor) -> Tensor:
     if is_distributed():
         x = x.clone()

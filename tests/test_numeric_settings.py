@@ -22,8 +22,8 @@ from mmkit.data import (
     HFImageTextDataset, ImageTextDataModule, ManifestDataset, SyntheticShapes, TaskStreamDataModule, WebDatasetShards,
 )
 from mmkit.losses import (
-    AdversarialLoss, ClipLoss, DistillationLoss, EWCPenalty, FeatureDistillLoss, InteractiveContrastiveLoss, MemoryQueue,
-    RankingLoss, SigLipLoss, SimilarityDistillLoss, TripletLoss,
+    AdversarialLoss, ClipLoss, DistillationLoss, EWCPenalty, FeatureDistillLoss, InteractiveContrastiveLoss, LossSum,
+    MemoryQueue, RankingLoss, SigLipLoss, SimilarityDistillLoss, TripletLoss,
 )
 from mmkit.models import HFTowers, ModelSpec, OpenCLIP, Teacher
 from mmkit.techniques import AlignGAN, CLIPPretrain, DualEncoderModule, EWCIncremental, KDStudent, MetricAlign
@@ -142,6 +142,7 @@ ROWS = [
     (TripletLoss, "weight", -0.5, ">= 0"),
     (TripletLoss, "seed", "0", "an integer"),
     (MemoryQueue, "size", 0, ">= 1"),
+    (LossSum, "weights", [1.0, -0.5], "a list of values each >= 0 or null (1 each)"),
     (EWCPenalty, "gamma", -0.5, "in [0, 1]"),
     # callbacks
     (StepCheckpoint, "every_n_train_steps", -1, ">= 0"),
@@ -163,7 +164,7 @@ VALIDATED = [
     ManifestDataset, WebDatasetShards, HFImageTextDataset, SyntheticShapes,
     ModelSpec, OpenCLIP, HFTowers, Teacher,
     ClipLoss, SigLipLoss, SimilarityDistillLoss, FeatureDistillLoss, InteractiveContrastiveLoss, DistillationLoss,
-    AdversarialLoss, RankingLoss, TripletLoss, MemoryQueue, EWCPenalty,
+    AdversarialLoss, RankingLoss, TripletLoss, MemoryQueue, LossSum, EWCPenalty,
     StepCheckpoint, BadSampleCallback, Throughput, RunReport,
 ]
 # Parameters typed with int/float that are not quantities.
@@ -184,6 +185,8 @@ def _required(cls: type, tmp_path: Path) -> dict:
         return {"vision_model": "/unused", "text_model": "/unused"}  # the numeric checks come first
     if cls is MemoryQueue:
         return {"size": 4}
+    if cls is LossSum:
+        return {"losses": [ClipLoss(), RankingLoss()]}
     return {}
 
 
@@ -244,6 +247,8 @@ GOOD = [
     (RankingLoss, dict(margin=0.0, num_negatives=1, sum_warmup_steps=0, memory_size=0, weight=0.0, seed=-5)),
     (TripletLoss, dict(margin=0.0, memory_size=1)),
     (MemoryQueue, dict(size=1)),
+    (LossSum, dict(weights=[0.0, 1e-9])),
+    (LossSum, dict(weights=None)),
     (EWCPenalty, dict(gamma=0.0)),
     (EWCPenalty, dict(gamma=1.0)),
     (StepCheckpoint, dict(every_n_train_steps=0, keep_last=-1)),

@@ -8,6 +8,7 @@ from mmkit.losses.distillation import (
 )
 from mmkit.losses.ewc import EWCPenalty, fisher_sums, normalize_mean, reduce_fisher
 from mmkit.losses.memory_queue import MemoryQueue
+from mmkit.losses.protocol import LossSum, PairedLoss
 from mmkit.losses.ranking import RankingLoss, TripletLoss
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "EWCPenalty",
     "FeatureDistillLoss",
     "InteractiveContrastiveLoss",
+    "LossSum",
     "MemoryQueue",
+    "PairedLoss",
     "RankingLoss",
     "SigLipLoss",
     "SimilarityDistillLoss",

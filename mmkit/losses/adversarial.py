@@ -13,9 +13,10 @@ wgan-gp    E D(t) − E D(i) + λ·GP                                  E D(i) �
 hinge      E relu(1 − D(i)) + E relu(1 + D(t))                     E D(i) − E D(t)
 =========  ====================================================  ==============================
 
-Exact across processes: every mean is a rank's sum divided by (global count / world size), so
-the mean of the per-rank values is the mean over the global batch, and DDP's averaging of the
-gradients gives the global batch's gradient, also when ranks hold different numbers of rows.
+Exact across processes: every mean is a rank's sum divided by
+``distributed.global_mean_divisor`` (global count / world size), so the mean of the per-rank
+values is the mean over the global batch, and DDP's averaging of the gradients gives the global
+batch's gradient, also when ranks hold different numbers of rows.
 """
 
 from __future__ import annotations
@@ -35,20 +36,13 @@ def _check(objective: str) -> None:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
-def rank_share(n_local: int, device: torch.device | None = None) -> float:
-    """Global row count divided by the world size: dividing a rank's sum of per-row terms by it
-    makes the mean over ranks equal the mean over the global batch (1 on an empty global batch)."""
-    n_global = sum(distributed.gather_sizes(n_local, device))
-    return max(n_global, 1) / distributed.world_size()
-
-
 def discriminator_loss(image_scores: Tensor, text_scores: Tensor, objective: str = "bce", share: float | None = None) -> Tensor:
     """D's loss (without the gradient penalty) for (N,) image and (N,) text scores.
 
-    ``share``: the divisor of the per-modality sums (default: :func:`rank_share` of N).
+    ``share``: the divisor of the per-modality sums (default: ``global_mean_divisor`` of N).
     """
     _check(objective)
-    share = rank_share(image_scores.shape[0], image_scores.device) if share is None else share
+    share = distributed.global_mean_divisor(image_scores.shape[0], image_scores.device) if share is None else share
     if objective == "bce":
         terms = F.softplus(-image_scores).sum() + F.softplus(text_scores).sum()
     elif objective == "hinge":
@@ -61,7 +55,7 @@ def discriminator_loss(image_scores: Tensor, text_scores: Tensor, objective: str
 def generator_loss(image_scores: Tensor, text_scores: Tensor, objective: str = "bce", share: float | None = None) -> Tensor:
     """The encoders' loss: make D score images as text and texts as images."""
     _check(objective)
-    share = rank_share(image_scores.shape[0], image_scores.device) if share is None else share
+    share = distributed.global_mean_divisor(image_scores.shape[0], image_scores.device) if share is None else share
     if objective == "bce":
         # Non-saturating: maximise log D(swapped label) instead of minimising log(1 − D(label)),
         # which has vanishing gradient exactly when D is winning.
@@ -88,7 +82,7 @@ def gradient_penalty(
         image_features: (N, d).
         text_features: (N, d), paired with the images row by row.
         alpha: (N,) or (N, 1) interpolation weights (default: uniform random).
-        share: divisor of the sum over rows (default: :func:`rank_share` of N).
+        share: divisor of the sum over rows (default: ``global_mean_divisor`` of N).
     """
     img, txt = image_features.detach(), text_features.detach()
     if alpha is None:
@@ -101,7 +95,7 @@ def gradient_penalty(
     # differentiable at a zero gradient.
     grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
     norm = torch.sqrt(grad.pow(2).sum(-1) + 1e-12)
-    share = rank_share(img.shape[0], img.device) if share is None else share
+    share = distributed.global_mean_divisor(img.shape[0], img.device) if share is None else share
     return (norm - 1).pow(2).sum() / share
 
 
@@ -157,7 +151,7 @@ class AdversarialLoss(nn.Module):
     def discriminator_terms(self, discriminator: nn.Module, image_features: Tensor, text_features: Tensor) -> dict[str, Tensor]:
         """``d_loss`` (+ ``d_gp_loss``) to minimise w.r.t. D, with detached statistics
         ``d_accuracy`` and, for wgan-gp, ``wasserstein`` (E D(i) − E D(t))."""
-        share = rank_share(image_features.shape[0], image_features.device)
+        share = distributed.global_mean_divisor(image_features.shape[0], image_features.device)
         s_img, s_txt = discriminator(image_features), discriminator(text_features)
         out = {"d_loss": discriminator_loss(s_img, s_txt, self.objective, share)}
         if self.gp_weight:

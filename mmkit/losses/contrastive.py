@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
+from mmkit.losses.protocol import PairedLoss
 
 
 def _pair_logits(
@@ -30,7 +31,7 @@ def _pair_logits(
     return logit_scale * image @ text.T
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(PairedLoss):
     """Symmetric InfoNCE over the global batch.
 
     Args:
@@ -103,24 +104,22 @@ class ClipLoss(nn.Module):
             logits = _pair_logits(all_image, all_text, logit_scale, pair_logits)
             loss = self._ce_sum(logits, labels) + self._ce_sum(logits.T, labels)
 
-        # Per-rank normaliser so the mean over ranks is the global mean (also with uneven
-        # per-rank batch sizes): the full loss is replicated, the local loss is partitioned.
-        if self.local_loss and self.gather:
-            denom = n_global / D.world_size()
-        else:
-            denom = n_global
+        # The full loss is replicated on every rank, the local loss partitioned over the ranks.
+        denom = D.mean_divisor(n_global, partitioned=self.local_loss and self.gather)
         return {"contrastive_loss": loss / (2 * denom)}
 
     def _ce_sum(self, logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.label_smoothing)
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(PairedLoss):
     """Pairwise sigmoid loss (SigLIP): every image–text pair is an independent binary problem.
 
     Each rank scores its own images against the texts of the whole global batch; the loss is
     normalised by the global number of images, as in the paper.
     """
+
+    uses_logit_bias = True
 
     def __init__(self, gather: bool = True) -> None:
         super().__init__()
@@ -137,9 +136,8 @@ class SigLipLoss(nn.Module):
     ) -> dict[str, Tensor]:
         if self.gather:
             all_text, offset = D.all_gather_with_grad(text_features)
-            n_global = sum(D.gather_sizes(image_features.shape[0], image_features.device))
         else:
-            all_text, offset, n_global = text_features, 0, image_features.shape[0]
+            all_text, offset = text_features, 0
         logits = _pair_logits(image_features, all_text, logit_scale, pair_logits)
         if logit_bias is not None:
             logits = logits + logit_bias
@@ -147,6 +145,6 @@ class SigLipLoss(nn.Module):
         signs = -torch.ones_like(logits)
         rows = torch.arange(n_local, device=logits.device)
         signs[rows, rows + offset] = 1.0
-        world = D.world_size() if self.gather else 1
-        loss = -F.logsigmoid(signs * logits).sum() / (n_global / world)
+        # Each rank scores its own images: partitioned (as many images as texts per rank).
+        loss = -F.logsigmoid(signs * logits).sum() / D.mean_divisor(all_text.shape[0], partitioned=self.gather)
         return {"sigmoid_loss": loss}

@@ -20,12 +20,13 @@ from torch import Tensor, nn
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
 from mmkit.losses.contrastive import ClipLoss
+from mmkit.losses.protocol import PairedLoss, as_loss, call_loss, scale_terms, uses_logit_scale
 
 
 def _gather(x: Tensor) -> tuple[Tensor, int, float]:
     """Global rows, this rank's offset, and the per-rank normaliser (global batch / world)."""
     rows, offset = D.all_gather_with_grad(x)
-    return rows, offset, rows.shape[0] / D.world_size()
+    return rows, offset, D.mean_divisor(rows.shape[0])
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -41,7 +42,7 @@ def _check_dims(student: Tensor, teacher: Tensor, term: str) -> None:
         )
 
 
-class SimilarityDistillLoss(nn.Module):
+class SimilarityDistillLoss(PairedLoss):
     """KL(teacher ‖ student) between the image→text and text→image softmax distributions over the
     global batch, averaged over both directions and all rows, times ``temperature²`` (so the
     gradient scale does not shrink as the temperature grows, as in Hinton et al.).
@@ -102,7 +103,7 @@ class SimilarityDistillLoss(nn.Module):
         return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
 
 
-class FeatureDistillLoss(nn.Module):
+class FeatureDistillLoss(PairedLoss):
     """Per-sample distance between the student's and the teacher's normalised embeddings, for
     image and text, averaged over the global batch and both modalities.
 
@@ -110,6 +111,8 @@ class FeatureDistillLoss(nn.Module):
         kind: ``cosine`` (1 − cos) or ``mse`` (squared L2 distance, summed over dimensions; on
             unit vectors it is 2 − 2 cos, the same direction with twice the scale).
     """
+
+    uses_logit_scale = False
 
     def __init__(self, kind: str = "cosine") -> None:
         super().__init__()
@@ -126,7 +129,7 @@ class FeatureDistillLoss(nn.Module):
         **_: object,
     ) -> dict[str, Tensor]:
         _check_dims(image_features, teacher_image_features, "FeatureDistillLoss")
-        denom = sum(D.gather_sizes(image_features.shape[0], image_features.device)) / D.world_size()
+        denom = D.global_mean_divisor(image_features.shape[0], image_features.device)
         total = self._sum(image_features, teacher_image_features) + self._sum(text_features, teacher_text_features)
         return {"feature_kd_loss": total / (2 * denom)}
 
@@ -138,7 +141,7 @@ class FeatureDistillLoss(nn.Module):
         return (1.0 - (student * teacher).sum(-1)).sum()
 
 
-class InteractiveContrastiveLoss(nn.Module):
+class InteractiveContrastiveLoss(PairedLoss):
     """InfoNCE across models: each student image against the teacher's texts of the global batch,
     and each student text against the teacher's images, with the student's logit scale. The
     student learns to be scored by the teacher's other tower.
@@ -162,7 +165,7 @@ class InteractiveContrastiveLoss(nn.Module):
         return {"interactive_kd_loss": (i2t + t2i) / (2 * denom)}
 
 
-class DistillationLoss(nn.Module):
+class DistillationLoss(PairedLoss):
     """The weighted sum of the student's own contrastive loss and the distillation terms; a
     weight of 0 disables (and skips) a term. Each weighted term is returned under its own name.
 
@@ -180,7 +183,12 @@ class DistillationLoss(nn.Module):
         feature_kind: ``cosine`` or ``mse`` for the feature distillation.
         teacher_logit_scale: fixed teacher inverse temperature for the similarity term (default:
             the teacher's own).
-        student_loss: the student's own loss (default ``ClipLoss()``; e.g. ``SigLipLoss``).
+        student_loss: the student's own loss (default ``ClipLoss()``; e.g. ``SigLipLoss``), or a
+            list of losses (summed, as a technique's ``loss:``); it gets the training context
+            (``step``, ``image_ids``) like any loss.
+
+    The base module's ``setup`` hook reaches the student loss (e.g. a memory queue); the
+    projection needs the teacher's width too and is made by ``setup_dims``.
     """
 
     setting_ranges = {
@@ -201,18 +209,28 @@ class DistillationLoss(nn.Module):
         temperature: float = 1.0,
         feature_kind: str = "cosine",
         teacher_logit_scale: float | None = None,
-        student_loss: nn.Module | None = None,
+        student_loss: nn.Module | list[nn.Module] | None = None,
     ) -> None:
         check_settings(self, locals(), DistillationLoss.setting_ranges)
         super().__init__()
         self.weights = {"contrastive": contrastive, "similarity": similarity, "feature": feature, "interactive": interactive}
         if not any(self.weights.values()):
             raise ValueError(f"DistillationLoss: weights must be >= 0 and not all 0, got {self.weights}")
-        self.student_loss = student_loss if student_loss is not None else ClipLoss()
+        self.student_loss = as_loss(student_loss, default=ClipLoss)
         self.similarity = SimilarityDistillLoss(temperature, teacher_logit_scale)
         self.feature = FeatureDistillLoss(feature_kind)
         self.interactive = InteractiveContrastiveLoss()
         self.projection: nn.Linear | None = None
+
+    @property
+    def uses_logit_scale(self) -> bool:  # type: ignore[override]
+        # The similarity and interactive terms read the student's temperature.
+        w = self.weights
+        return bool(w["similarity"] or w["interactive"] or (w["contrastive"] and uses_logit_scale(self.student_loss)))
+
+    @property
+    def uses_logit_bias(self) -> bool:  # type: ignore[override]
+        return bool(self.weights["contrastive"]) and self.student_loss.uses_logit_bias
 
     @property
     def needs_teacher_space(self) -> bool:
@@ -231,8 +249,7 @@ class DistillationLoss(nn.Module):
 
     def student_terms(self, **outputs) -> dict[str, Tensor]:
         """The student's own loss alone (weighted), e.g. for evaluation without a teacher."""
-        w = self.weights["contrastive"]
-        return {k: w * v if k.endswith("_loss") else v for k, v in self.student_loss(**outputs).items()}
+        return scale_terms(call_loss(self.student_loss, outputs), self.weights["contrastive"])
 
     def forward(self, **outputs) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}

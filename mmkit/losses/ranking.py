@@ -20,18 +20,19 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
 from mmkit.losses.memory_queue import MemoryQueue
+from mmkit.losses.protocol import PairedLoss
 from mmkit.losses.negative_mining import NegativeStrategy, random_keys, select_negatives
 
 Distance = Literal["cosine", "euclidean"]
 Directions = Literal["both", "image_to_text", "text_to_image"]
 
 
-class RankingLoss(nn.Module):
+class RankingLoss(PairedLoss):
     """Bidirectional hinge ranking loss (VSE / VSE++).
 
     With ``negatives: all`` and ``reduction: sum`` this is the pairwise contrastive loss with
@@ -55,8 +56,8 @@ class RankingLoss(nn.Module):
             ``semi_hard``, ``top_k`` or ``random`` (see ``negative_mining.select_negatives``).
         num_negatives: negatives per anchor for ``top_k`` and ``random``.
         sum_warmup_steps: use ``all`` negatives (sum of hinges) while the training step is
-            below this, then ``negatives``. Needs the ``step`` argument (MetricAlign passes its
-            global step).
+            below this, then ``negatives``. Needs the ``step`` argument (every technique passes
+            its global step).
         reduction: ``sum`` over each anchor's selected negatives, averaged over anchors and
             summed over the two directions (VSE++); ``mean`` over all selected triplets.
         directions: ``both``, or only image anchors (``image_to_text``) or text anchors.
@@ -119,6 +120,11 @@ class RankingLoss(nn.Module):
         self.name = name
         self.memory = MemoryQueue(memory_size) if memory_size > 0 else None
 
+    def setup(self, embed_dim: int, device: torch.device | str | None = None) -> None:
+        """The memory queue's buffers, before DDP wraps the module (it broadcasts buffers)."""
+        if self.memory is not None:
+            self.memory.allocate(embed_dim, device)
+
     def strategy_at(self, step: int | None) -> str:
         """The negative strategy used at training step ``step``."""
         if self.sum_warmup_steps > 0:
@@ -152,9 +158,8 @@ class RankingLoss(nn.Module):
             all_image, offset = D.all_gather_with_grad(image_features)
             all_text, _ = D.all_gather_with_grad(text_features)
             all_ids = D.all_gather_no_grad(ids)
-            world = D.world_size()
         else:
-            all_image, all_text, all_ids, offset, world = image_features, text_features, ids, 0, 1
+            all_image, all_text, all_ids, offset = image_features, text_features, ids, 0
         n_global = all_image.shape[0]
 
         memory = self.memory.entries() if self.memory is not None and self.training and len(self.memory) else None
@@ -195,12 +200,9 @@ class RankingLoss(nn.Module):
         if self.gather:
             stats = D.all_reduce_sum(stats)
 
-        # Per-rank normaliser: the mean over ranks of the per-rank losses is the global loss.
-        if self.reduction == "sum":
-            denom = n_global / world
-        else:
-            denom = float(stats[0]) / world
-        loss = total * (self.weight / denom) if denom > 0 else total * 0.0
+        # Each rank sums the terms of its own anchors: the mean over anchors, or over selected terms.
+        count = n_global if self.reduction == "sum" else float(stats[0])
+        loss = total * (self.weight / D.mean_divisor(count, partitioned=self.gather))
 
         if self.memory is not None and self.training:
             feats = torch.cat([all_image.detach(), all_text.detach()])

@@ -46,6 +46,7 @@ from mmkit import distributed
 from mmkit.config_checks import Range, check_settings
 from mmkit.losses.adversarial import AdversarialLoss, discriminator_accuracy, discriminator_auc
 from mmkit.losses.contrastive import ClipLoss
+from mmkit.losses.protocol import as_loss, scale_terms
 from mmkit.metrics.modality_gap import ModalityGap
 from mmkit.models.discriminator import ModalityDiscriminator
 from mmkit.models.gradient_reversal import SCHEDULES, GradientReversal
@@ -62,7 +63,7 @@ class AlignGAN(DualEncoderModule):
 
     Args:
         model: the model spec (e.g. ``mmkit.models.OpenCLIP``).
-        loss: the paired alignment loss, any loss following the model→loss contract
+        loss: the paired alignment loss, any loss of the loss protocol or a list of them
             (default ``mmkit.losses.ClipLoss``).
         objective: adversarial objective: ``bce`` (non-saturating cross-entropy), ``wgan-gp``
             (Wasserstein critic with gradient penalty) or ``hinge``.
@@ -109,7 +110,7 @@ class AlignGAN(DualEncoderModule):
     def __init__(
         self,
         model: ModelSpec,
-        loss: nn.Module | None = None,
+        loss: nn.Module | list[nn.Module] | None = None,
         objective: str = "bce",
         adv_weight: float = 0.1,
         align_weight: float = 1.0,
@@ -136,7 +137,7 @@ class AlignGAN(DualEncoderModule):
             raise ValueError(f"grl_schedule must be one of {SCHEDULES}, got {grl_schedule!r}")
         if mode == "gradient_reversal" and self.accumulate_chunks > 1:
             raise ValueError("accumulate_chunks > 1 needs mode: alternating (the chunked backward only reaches the features)")
-        self.loss = loss if loss is not None else ClipLoss()
+        self.loss = as_loss(loss, default=ClipLoss)
         self.adversarial = AdversarialLoss(objective, gp_weight)
         self.adv_weight, self.align_weight = adv_weight, align_weight
         self.mode, self.n_critic = mode, n_critic
@@ -192,21 +193,20 @@ class AlignGAN(DualEncoderModule):
                 p.requires_grad_(True)
 
     # -- training ----------------------------------------------------------------------------
-    def _paired_terms(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        terms = self.loss(**outputs)
-        return {k: self.align_weight * v if k.endswith("_loss") else v for k, v in terms.items()}
+    def _paired_terms(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
+        return scale_terms(super().compute_loss(outputs, batch), self.align_weight)
 
     def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """The encoders' objective: ``align_weight · paired + adv_weight · generator loss``."""
-        terms = self._paired_terms(outputs)
+        terms = self._paired_terms(outputs, batch)
         with self._discriminator_frozen():
             adv = self.adversarial.generator_terms(self.discriminator, outputs["image_features"], outputs["text_features"])
         terms["adversarial_loss"] = self.adv_weight * adv["adversarial_loss"]
         return terms
 
-    def _reversal_loss(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _reversal_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """One objective for both players: D's loss on features behind the reversal layer."""
-        terms = self._paired_terms(outputs)
+        terms = self._paired_terms(outputs, batch)
         image, text = self.grl(outputs["image_features"]), self.grl(outputs["text_features"])
         terms.update(self.adversarial.discriminator_terms(self.discriminator, image, text))
         return terms
@@ -237,7 +237,7 @@ class AlignGAN(DualEncoderModule):
     def training_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         if self.mode == "gradient_reversal":
             self.grl.set_progress(self.global_step / max(1, int(self.trainer.estimated_stepping_batches)))
-            return {**self._reversal_loss(outputs), "grl_weight": torch.tensor(self.grl.weight)}
+            return {**self._reversal_loss(outputs, batch), "grl_weight": torch.tensor(self.grl.weight)}
         # D first, on this batch: the encoders then face the updated D.
         self._critic_stats = self._critic_steps(outputs, self.optimizers()[1])
         return self.compute_loss(outputs, batch)

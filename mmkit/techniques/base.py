@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
+from mmkit.losses.protocol import call_loss, loss_context, setup_loss, uses_logit_bias, uses_logit_scale
 from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
@@ -174,6 +175,14 @@ class DualEncoderModule(L.LightningModule):
         if self.model is None:
             self.model = self.spec.build()
         parallel_ops(self).shard(self.model)  # FSDP2: the towers' blocks; otherwise nothing
+        # The loss's width-dependent state (a memory queue) exists before DDP wraps the module.
+        setup_loss(self.loss, self.model.embed_dim, next(self.model.parameters()).device)
+        # A temperature (bias) that no loss reads gets no gradient: freeze it, or DDP's reducer
+        # would wait for that gradient (an error on the next step) and AdamW carry it for nothing.
+        for param, used in ((self.model.log_scale_parameter(), uses_logit_scale(self.loss)),
+                            (self.model.bias_parameter(), uses_logit_bias(self.loss))):
+            if isinstance(param, torch.nn.Parameter) and not used:
+                param.requires_grad_(False)
 
     @property
     def preprocessing(self):
@@ -193,8 +202,10 @@ class DualEncoderModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """Named ``*_loss`` terms from the model outputs of the whole batch (other keys are
-        detached statistics, logged but not optimised)."""
-        raise NotImplementedError
+        detached statistics, logged but not optimised). Default: ``self.loss``, which a technique
+        sets in ``__init__`` (``mmkit.losses.protocol.as_loss``), called through the loss protocol
+        with the context (global step, image ids) every technique gives its loss."""
+        return call_loss(self.loss, {**outputs, **loss_context(self.global_step, batch)})
 
     def training_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """Hook: the terms the training step back-propagates, from the model outputs of the whole

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from mmkit.losses.contrastive import ClipLoss
+from mmkit.losses.protocol import as_loss
 from mmkit.models.spec import ModelSpec
 from mmkit.techniques.base import DualEncoderModule
 
@@ -15,13 +16,12 @@ class CLIPPretrain(DualEncoderModule):
     Args:
         model: the model spec (e.g. ``mmkit.models.OpenCLIP``).
         loss: ``mmkit.losses.ClipLoss`` (InfoNCE, default) or ``mmkit.losses.SigLipLoss`` (use a
-            model spec with ``init_logit_bias: -10``); exact across ranks.
+            model spec with ``init_logit_bias: -10``); exact across ranks. Any loss of the loss
+            protocol (``docs/losses.md``), or a list of them (summed), works: e.g. a hinge
+            ``RankingLoss``, with which the unused temperature is frozen.
         **kwargs: optimisation and evaluation settings of ``DualEncoderModule``.
     """
 
-    def __init__(self, model: ModelSpec, loss: nn.Module | None = None, **kwargs) -> None:
+    def __init__(self, model: ModelSpec, loss: nn.Module | list[nn.Module] | None = None, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        self.loss = loss if loss is not None else ClipLoss()
-
-    def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        return self.loss(**outputs)
+        self.loss = as_loss(loss, default=ClipLoss)

@@ -54,6 +54,7 @@ from mmkit import distributed as D
 from mmkit.reports.continual import write_continual_report
 from mmkit.config_checks import Range, check_settings
 from mmkit.losses.contrastive import ClipLoss
+from mmkit.losses.protocol import as_loss
 from mmkit.losses.ewc import (
     EWCPenalty,
     autograd_grads,
@@ -79,8 +80,8 @@ class EWCIncremental(DualEncoderModule):
 
     Args:
         model: the model spec (e.g. ``mmkit.models.OpenCLIP``).
-        loss: the alignment loss (default ``mmkit.losses.ClipLoss``); also the loss whose gradients
-            define the Fisher.
+        loss: the alignment loss, any loss of the loss protocol or a list of them (default
+            ``mmkit.losses.ClipLoss``); also the loss whose gradients define the Fisher.
         ewc_lambda: ``λ``, the penalty strength (0: plain fine-tuning; nothing is estimated).
         importance: ``fisher`` (EWC) or ``uniform`` (L2 to the anchor, F ≡ 1: no estimation).
         mode: ``separate`` (one Fisher and anchor per finished task) or ``online`` (one running
@@ -112,7 +113,7 @@ class EWCIncremental(DualEncoderModule):
     def __init__(
         self,
         model: ModelSpec,
-        loss: nn.Module | None = None,
+        loss: nn.Module | list[nn.Module] | None = None,
         ewc_lambda: float = 1.0,
         importance: Literal["fisher", "uniform"] = "fisher",
         mode: Literal["separate", "online"] = "separate",
@@ -132,7 +133,7 @@ class EWCIncremental(DualEncoderModule):
             raise ValueError(f"importance must be 'fisher' or 'uniform', got {importance!r}")
         if fisher_estimator not in ("per_sample", "per_batch"):
             raise ValueError(f"fisher_estimator must be 'per_sample' or 'per_batch', got {fisher_estimator!r}")
-        self.loss = loss if loss is not None else ClipLoss()
+        self.loss = as_loss(loss, default=ClipLoss)
         self.ewc_lambda = ewc_lambda
         self.importance = importance
         self.fisher_estimator = fisher_estimator
@@ -147,9 +148,6 @@ class EWCIncremental(DualEncoderModule):
         self._matrix_state: dict | None = None  # restored from a checkpoint before the stream is known
         self._task = -1  # task being trained
         self._task_start_step = 0  # optimizer step at which it started (for the per-task schedule)
-
-    def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        return self.loss(**outputs)
 
     # -- the stream ----------------------------------------------------------------------------
     def _stream(self):

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from mmkit.data.teacher_embeddings import TeacherEmbeddings
 from mmkit.losses.distillation import DistillationLoss
+from mmkit.losses.protocol import loss_context
 from mmkit.models.single_tower_student import SingleTowerStudent
 from mmkit.models.spec import ModelSpec
 from mmkit.models.teacher import FrozenTeacher, StudentTeacherPreprocessing, Teacher
@@ -58,7 +59,8 @@ class KDStudent(DualEncoderModule):
             optional ``dtype: bf16``). None when training only from ``teacher_embeddings``.
         loss: ``mmkit.losses.DistillationLoss`` (weights of the student's contrastive loss and of
             the similarity, feature and interactive distillation terms). Default: contrastive +
-            similarity distillation, weight 1 each.
+            similarity distillation, weight 1 each. Its ``student_loss`` is any loss of the loss
+            protocol or a list of them; it gets the same context as in every technique.
         student_towers: ``both`` (a dual-encoder student), ``image`` or ``text`` (a single-tower
             student used with the teacher's other tower; needs the teacher's embedding width).
         teacher_embeddings: pre-computed teacher outputs: a store folder for the training split,
@@ -182,8 +184,8 @@ class KDStudent(DualEncoderModule):
             self._eval_teacher = (batch, teacher)  # for eval_features: one teacher forward per eval batch
         if teacher is None:  # evaluation without a teacher for this split
             self._require_teacher(split)
-            return self.loss.student_terms(**outputs)
-        return self.loss(**self._with_teacher_tower(outputs, teacher), **{f"teacher_{k}": v for k, v in teacher.items()})
+            return self.loss.student_terms(**outputs, **loss_context(self.global_step, batch))
+        return super().compute_loss({**self._with_teacher_tower(outputs, teacher), **{f"teacher_{k}": v for k, v in teacher.items()}}, batch)
 
     # -- evaluation --------------------------------------------------------------------------
     def eval_features(self, outputs: dict[str, Tensor], batch: dict, split: str) -> dict[str, Tensor]:

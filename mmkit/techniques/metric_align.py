@@ -1,11 +1,11 @@
 """MetricAlign: image–text alignment by metric learning (hinge ranking losses in a learned
 embedding space, with hard-negative mining and an optional cross-batch memory).
 
-The losses live in ``mmkit.losses.ranking``; this module combines them, gives them the training
-step (for VSE++'s warm-up) and the image ids (so another caption of the same image is never a
-negative), and owns the regularisers that act on the embeddings: an optional projection head
-with dropout and an optional L2 penalty on embedding norms. Weight decay is the base
-optimiser's ``weight_decay``.
+The losses live in ``mmkit.losses.ranking`` and get the training step (for VSE++'s warm-up) and
+the image ids (so another caption of the same image is never a negative) through the loss
+protocol, as in every technique. This module owns the regularisers that act on the embeddings:
+an optional projection head with dropout and an optional L2 penalty on embedding norms. Weight
+decay is the base optimiser's ``weight_decay``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
+from mmkit.losses.protocol import as_loss
 from mmkit.losses.ranking import RankingLoss
 from mmkit.models.projection_head import ProjectionHead
 from mmkit.models.spec import ModelSpec
@@ -27,11 +28,12 @@ class MetricAlign(DualEncoderModule):
 
     Args:
         model: the model spec (e.g. ``mmkit.models.OpenCLIP``; similarity ``cosine``).
-        loss: a loss of the model→loss contract, or a list of them whose ``*_loss`` terms are
-            summed: ``mmkit.losses.RankingLoss`` (pairwise contrastive with margin / VSE++
-            max-violation with warm-up), ``TripletLoss``, even ``ClipLoss``. Give each its own
-            ``weight`` and, when two share a class, a distinct ``name``. Default: ``RankingLoss()``
-            (sum of hinges over all in-batch negatives).
+        loss: a loss of the loss protocol (``docs/losses.md``), or a list of them whose
+            ``*_loss`` terms are summed: ``mmkit.losses.RankingLoss`` (pairwise contrastive with
+            margin / VSE++ max-violation with warm-up), ``TripletLoss``, even ``ClipLoss``. Give
+            each its own ``weight`` (or use ``mmkit.losses.LossSum`` with ``weights``) and, when
+            two share a class, a distinct ``name``. Default: ``RankingLoss()`` (sum of hinges over
+            all in-batch negatives).
         projection_head: put a projection head per modality on the towers' embeddings. It is
             used in training, validation, test and prediction (dropout off outside training) and
             saved in the Lightning checkpoint; ``mmkit export`` writes the towers only.
@@ -72,12 +74,7 @@ class MetricAlign(DualEncoderModule):
             raise ValueError("MetricAlign: normalize=False needs projection_head=True (the towers return unit vectors)")
         if embedding_l2 and normalize:
             raise ValueError("MetricAlign: embedding_l2 acts on un-normalised embeddings: set normalize=False")
-        losses = list(loss) if isinstance(loss, (list, tuple, nn.ModuleList)) else [loss if loss is not None else RankingLoss()]
-        names = [getattr(l, "name", None) for l in losses]
-        named = [n for n in names if n is not None]
-        if len(named) != len(set(named)):
-            raise ValueError(f"MetricAlign: losses need distinct names to be combined, got {names}")
-        self.loss = nn.ModuleList(losses)
+        self.loss = as_loss(loss, default=RankingLoss)
         self.projection_head = projection_head
         self.head_hidden_dim = head_hidden_dim
         self.head_dropout = head_dropout
@@ -94,16 +91,6 @@ class MetricAlign(DualEncoderModule):
             ref = next(self.model.parameters())
             self.image_head = ProjectionHead(dim, self.head_hidden_dim, self.head_dropout).to(ref.device, ref.dtype)
             self.text_head = ProjectionHead(dim, self.head_hidden_dim, self.head_dropout).to(ref.device, ref.dtype)
-        if all(getattr(l, "uses_logit_scale", True) is False for l in self.loss):
-            # No loss reads the temperature (or bias): freeze them, or DDP would wait for their
-            # gradients forever and AdamW would carry them for nothing.
-            for p in (self.model.log_scale_parameter(), self.model.bias_parameter()):
-                if isinstance(p, nn.Parameter):
-                    p.requires_grad_(False)
-        for l in self.loss:
-            memory = getattr(l, "memory", None)
-            if memory is not None:  # real buffers before DDP wraps the module (it syncs buffers)
-                memory.allocate(dim, next(self.model.parameters()).device)
 
     def project(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.image_head is None:
@@ -117,13 +104,7 @@ class MetricAlign(DualEncoderModule):
 
     # -- training ----------------------------------------------------------------------------
     def compute_loss(self, outputs: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
-        terms: dict[str, Tensor] = {}
-        for loss in self.loss:
-            out = loss(**outputs, step=self.global_step, image_ids=batch.get("image_id"))
-            clash = terms.keys() & out.keys()
-            if clash:
-                raise ValueError(f"MetricAlign: two losses return {sorted(clash)}; give them distinct names")
-            terms.update(out)
+        terms = super().compute_loss(outputs, batch)
         if self.embedding_l2:
             terms.update(self._embedding_penalty(outputs["image_features"], outputs["text_features"]))
         return terms
@@ -133,5 +114,5 @@ class MetricAlign(DualEncoderModule):
         # Global row count and norm sum, so N ranks with batch b match one with batch N·b.
         counts = D.all_reduce_sum(torch.stack([torch.tensor(float(sq.shape[0]), device=sq.device), sq.detach().sqrt().sum()]).double())
         n_global = float(counts[0])
-        penalty = self.embedding_l2 * sq.sum() / (n_global / D.world_size())
+        penalty = self.embedding_l2 * sq.sum() / D.mean_divisor(n_global)
         return {"embedding_norm_loss": penalty, "embedding_norm": (counts[1] / max(n_global, 1.0)).float()}

@@ -1,9 +1,11 @@
 """One CLIPPretrain training step + validation under a real Lightning Trainer; saves rank 0's
 gradients (after DDP's all-reduce) and validation metrics.
 
-    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES [STRATEGY]]
+    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES [STRATEGY [STEPS]]]
 
 STRATEGY is ``ddp`` (default) or ``fsdp`` (FSDP2 through ModelParallelStrategy, the CPU route).
+STEPS training steps are taken (default 1); under DDP the model's weights after them go to
+weights.pt.
 
 Run by tests/techniques/test_ddp_exactness.py (Lightning's `ddp` strategy relaunches this script
 for the other ranks) and by tests/launch/test_multinode.py (with NUM_NODES=2 the test starts one
@@ -19,7 +21,7 @@ import torch
 
 from mmkit import CLIPPretrain
 from mmkit.data import ImageTextDataModule, SyntheticShapes
-from mmkit.losses import ClipLoss, SigLipLoss
+from mmkit.losses import ClipLoss, RankingLoss, SigLipLoss
 from mmkit.models import OpenCLIP
 
 ARCH = str(Path(__file__).parents[1] / "models" / "tiny_test_arch.json")
@@ -54,9 +56,13 @@ def main() -> None:
     out, devices, batch, loss_name = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     num_nodes = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     strategy_name = sys.argv[6] if len(sys.argv) > 6 else "ddp"
+    steps = int(sys.argv[7]) if len(sys.argv) > 7 else 1
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    losses = {"clip": ClipLoss(), "clip_local": ClipLoss(local_loss=True), "siglip": SigLipLoss()}
+    losses = {
+        "clip": ClipLoss(), "clip_local": ClipLoss(local_loss=True), "siglip": SigLipLoss(),
+        "ranking": RankingLoss(negatives="hardest"),  # a hinge: the temperature gets no gradient
+    }
     spec = OpenCLIP(ARCH, init_logit_bias=-5.0 if loss_name == "siglip" else None)
     module = CLIPPretrain(spec, loss=losses[loss_name], warmup_steps=1, grad_clip_norm=None, export_dir="")
     module.configure_model()  # same initial weights on every rank and in the 1-process run
@@ -76,7 +82,7 @@ def main() -> None:
         strategy=_strategy(strategy_name, devices) if world > 1 else "auto",
         # ModelParallelStrategy refuses float64; its runs (and their 1-process reference) use float32.
         precision="32-true" if strategy_name == "fsdp" else "64-true",
-        max_steps=1,
+        max_steps=steps,
         val_check_interval=1,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -90,6 +96,8 @@ def main() -> None:
     )
     trainer.fit(module, datamodule=dm)
     if trainer.global_rank == 0:
+        if strategy_name == "ddp":  # (FSDP's are sharded DTensors)
+            torch.save({n: p.detach().clone() for n, p in module.model.named_parameters()}, out / "weights.pt")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/loss"))}
         env = type(getattr(trainer.strategy, "cluster_environment", None)).__name__  # who set the ranks
         torch.save({"metrics": metrics, "world": trainer.world_size, "env": env}, out / "metrics.pt")

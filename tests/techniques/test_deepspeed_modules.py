@@ -115,7 +115,7 @@ def _terms(name: str, module, batch: dict) -> dict:
     directly, as there)."""
     outputs = module.forward(batch["images"], batch["texts"])
     if name == "align_gan":
-        return module._reversal_loss(outputs)
+        return module._reversal_loss(outputs, batch)
     return module.compute_loss(outputs, batch)
 
 
