@@ -35,7 +35,7 @@ Sharded checkpoints are read back into one state dict by ``consolidated_state_di
 ``mmkit export``). DeepSpeed loads its files with ``torch.load(weights_only=False)``, which runs any
 code a crafted file carries: mmkit checks every file of a folder first
 (``mmkit.parallel.sharded_checkpoint.verify_deepspeed_checkpoint``) and runs DeepSpeed's reading, for export
-and for resume, with every ``torch.load`` forced to ``weights_only`` (``guard_checkpoint_loading``).
+and for resume, with every ``torch.load`` forced to ``weights_only`` (resume: ``mmkit.parallel.deepspeed_strategy``).
 Nothing here imports DeepSpeed unless the strategy, engine, parameters or checkpoint are
 DeepSpeed's, or a command names it (``import_quietly_if_named``).
 """
@@ -47,7 +47,6 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -87,69 +86,11 @@ def deepspeed_strategy(module) -> object | None:
     return strategy if isinstance(strategy, DeepSpeedStrategy) else None
 
 
-def prepare(module, grad_clip_norm: float | None) -> None:
-    """Called from the module's ``setup`` hook, before Lightning formats the DeepSpeed config,
-    builds the model and the engine; no-op unless the module runs under ``DeepSpeedStrategy``.
-
-    - writes the module's gradient clipping into the config (refusing a config that asks for a
-      different one);
-    - fills in ``train_micro_batch_size_per_gpu`` (DeepSpeed only logs with it) from the data
-      module's ``batch_size``: Lightning would read it from the loader's ``batch_sampler``, which
-      mmkit's loaders do not have (their sampler yields whole batches);
-    - builds the model without ``deepspeed.zero.Init`` (see the module docstring);
-    - makes DeepSpeed accept 0-dim parameters (``patch_scalar_params``);
-    - checks a checkpoint folder before the strategy resumes from it (``guard_checkpoint_loading``).
-    """
-    strategy = deepspeed_strategy(module)
-    if strategy is None or strategy.config is None:
-        return
-    patch_scalar_params()
-    guard_checkpoint_loading(strategy)
-    config = strategy.config
-    want = float(grad_clip_norm or 0.0)
-    have = float(config.get("gradient_clipping") or 0.0)
-    if have not in (0.0, want):
-        raise ValueError(
-            f"the DeepSpeed config sets gradient_clipping={have} but the module has grad_clip_norm={grad_clip_norm}: "
-            "remove gradient_clipping from the DeepSpeed config and set model.init_args.grad_clip_norm"
-        )
-    config["gradient_clipping"] = want
-    batch_size = getattr(module.trainer.datamodule, "batch_size", None)
-    config.setdefault("train_micro_batch_size_per_gpu", int(batch_size) if isinstance(batch_size, int) else 1)
-    strategy.model_sharded_context = _config_only_context.__get__(strategy)
-
-
-def guard_checkpoint_loading(strategy) -> None:
-    """Make ``strategy.load_checkpoint`` (Lightning's resume and evaluation of a checkpoint) check a
-    DeepSpeed folder with ``verify_deepspeed_checkpoint`` first, and run DeepSpeed's engine, whose
-    ``torch.load`` calls ask for ``weights_only=False``, with every load forced to ``weights_only``.
-    Idempotent."""
-    load = strategy.load_checkpoint
-    if getattr(load, "_mmkit_checked", False):
-        return
-
-    def load_checkpoint(checkpoint_path, weights_only=None):
-        if weights_only is False:  # the caller trusts the checkpoint explicitly
-            return load(checkpoint_path, weights_only)
-        if Path(checkpoint_path).is_dir():
-            verify_deepspeed_checkpoint(checkpoint_path)
-        with weights_only_everywhere(deepspeed_globals()):
-            return load(checkpoint_path, weights_only)
-
-    load_checkpoint._mmkit_checked = True
-    strategy.load_checkpoint = load_checkpoint
-
-
-@contextlib.contextmanager
-def _config_only_context(strategy) -> Iterator[None]:
-    # DeepSpeedStrategy.model_sharded_context without ``deepspeed.zero.Init``.
-    strategy._init_config_if_needed()
-    yield
-
-
 def patch_scalar_params() -> None:
     """Let DeepSpeed build engines for models with 0-dim parameters (open_clip's ``logit_scale``
-    and ``logit_bias``).
+    and ``logit_bias``). The one patch of DeepSpeed's classes mmkit makes, and only while
+    ``DeepSpeedStrategy.setup`` builds the engine: see ``deepspeed_strategy.broadcastable_0dim_params``,
+    which undoes it afterwards.
 
     DeepSpeed (seen in 0.19.8) broadcasts parameters from rank 0 as ``p.data.view(torch.uint8)``,
     which PyTorch refuses for a 0-dim float tensor, in two places every CLIP model goes through:

@@ -118,9 +118,11 @@ class DualEncoderModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # DeepSpeedStrategy only (before it builds the model and engine): clipping and batch size
-        # into its config, no zero.Init. A subclass overriding setup must call super().setup(stage).
-        ds.prepare(self, self.grad_clip_norm)
+        # Lightning's own DeepSpeedStrategy would build this module wrongly: refused, with an error
+        # naming mmkit's (mmkit.parallel.deepspeed_strategy). A subclass must call super().setup(stage).
+        from mmkit.parallel.deepspeed_strategy import require_mmkit_deepspeed
+
+        require_mmkit_deepspeed(self.trainer.strategy)
 
     def configure_model(self) -> None:
         # Idempotent: Lightning may call it more than once, and the model may be built earlier.
