@@ -54,8 +54,8 @@ def _strategy(name: str):
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy()
-    if name == "deepspeed_stage_2":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+    if name == "deepspeed_stage_2":  # mmkit's DeepSpeedStrategy (mmkit's modules refuse Lightning's own)
+        from mmkit.parallel.deepspeed_strategy import DeepSpeedStrategy
 
         return DeepSpeedStrategy(config=str(ROOT / "recipes" / "deepspeed" / "zero2.json"))
     if name == "fsdp2":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("default", "metric_align", "align_gan", "kd_student", "ewc_incremental")
-STRATEGIES = ("ddp", "fsdp2", "deepspeed_stage_2")
+STRATEGIES = ("ddp", "fsdp2", "mmkit_deepspeed_stage_2")
 
 
 def command(recipe: str, strategy: str, out: Path, accelerator: str, precision: str) -> list[str]:
@@ -39,7 +39,7 @@ def command(recipe: str, strategy: str, out: Path, accelerator: str, precision: 
         cmd += ["--trainer.max_steps", "-1"]
     else:
         cmd += ["--trainer.max_steps", "6", "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1"]
-    if recipe == "align_gan" and strategy.startswith("deepspeed"):
+    if recipe == "align_gan" and "deepspeed" in strategy:
         cmd += ["--model.init_args.mode", "gradient_reversal"]  # DeepSpeed takes one optimizer
     return cmd
 

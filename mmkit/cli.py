@@ -37,6 +37,7 @@ from mmkit.run_config import (  # noqa: E402
 )
 from mmkit.parallel.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
 from mmkit.parallel.fsdp2_strategy import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
+from mmkit.parallel.deepspeed_strategy import DeepSpeedStrategy  # noqa: E402,F401  (registers `strategy: mmkit_deepspeed_*`)
 
 
 class MMKitCLI(LightningCLI):

@@ -9,9 +9,10 @@ DOC = REPO / "docs" / "private-apis.md"
 
 
 def _listed() -> dict[str, list[str]]:
-    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \|", DOC.read_text(), re.M)
-    # Each underscore-named part of a row's dotted name counts as listed (a private module and its member).
-    return {part: re.findall(r"`([^`]+)`", files) for name, files in rows for part in name.split(".") if part.startswith("_")}
+    rows = re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|", DOC.read_text(), re.M)
+    # Each underscore-named part of a row's dotted names counts as listed (a private module and its member).
+    return {part: re.findall(r"`([^`]+)`", files) for names, files in rows
+            for name in re.findall(r"`([^`]+)`", names) for part in name.split(".") if part.startswith("_")}
 
 
 def _foreign_private_uses() -> dict[str, set[str]]:

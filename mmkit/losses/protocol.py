@@ -152,7 +152,7 @@ class LossSum(PairedLoss):
         return list(self.children())[i]
 
     def __len__(self) -> int:
-        return len(self._modules)
+        return len(self.weights)
 
     @property
     def uses_logit_scale(self) -> bool:  # type: ignore[override]

@@ -1,26 +1,28 @@
-"""What mmkit's modules need to run under Lightning's ``DeepSpeedStrategy`` (ZeRO stages 2 and 3
-are tested; stage 1 takes the same code paths but is not).
+"""DeepSpeed mechanics behind ``mmkit.parallel.ops.DeepSpeedOps`` and mmkit's ``DeepSpeedStrategy``
+(``mmkit.parallel.deepspeed_strategy``; ZeRO stages 2 and 3 are tested, stage 1 takes the same
+code paths but is not).
 
 DeepSpeed takes over parts of the step that mmkit's manual optimisation does itself elsewhere:
 
 - gradient clipping happens inside ``engine.step()`` from the config's ``gradient_clipping``
   (Lightning's ``clip_gradients`` does nothing under DeepSpeed), so the module's ``grad_clip_norm``
-  is written into the DeepSpeed config before the engine is built;
+  is written into the DeepSpeed config before the engine is built (by mmkit's strategy);
 - the optimizer updates fp32 master weights and copies them over the model's parameters, so an
   in-place edit of a parameter (the temperature clamp) must reach the master copy too;
 - ZeRO reduces gradients inside every ``engine.backward``; exact chunked accumulation calls it once
   per chunk, and under ZeRO-2 the chunks' reductions do not add up (measured: the gradient lost
   30–50 %), so the chunks' backward passes run inside ``engine.coalesce_grad_reduction()``;
-- under ZeRO-3, Lightning runs ``configure_model`` inside ``deepspeed.zero.Init``, which
+- under ZeRO-3, Lightning's own strategy runs ``configure_model`` inside ``deepspeed.zero.Init``, which
   partitions each submodule's parameters as soon as that submodule is constructed. open_clip then
   initialises and loads weights from the parent module, on already-partitioned (empty) tensors,
   and the optimizer's parameter groups see every weight as 1-D (so nothing would get weight
-  decay). mmkit therefore builds the full model without that context (for every technique,
+  decay). mmkit's strategy therefore builds the full model without that context (for every technique,
   including parts a subclass adds in its ``configure_model``) and lets ``deepspeed.initialize``
   partition it: the same initial weights, pretrained weights and weight-decay groups as under
   DDP, at the price of one full fp32 copy of the model per process in CPU memory while it is
   built (a few GiB even for ViT-bigG);
-- DeepSpeed cannot broadcast 0-dim parameters (the temperature): see ``patch_scalar_params``.
+- DeepSpeed cannot broadcast 0-dim parameters (the temperature): see ``patch_scalar_params``,
+  which mmkit's strategy applies only while it builds the engine.
 
 What the techniques own beside the model goes where its kind says (tested: CLIPPretrain,
 MetricAlign, KDStudent and AlignGAN's ``gradient_reversal`` mode, ZeRO-2 and ZeRO-3):
@@ -35,7 +37,7 @@ Sharded checkpoints are read back into one state dict by ``consolidated_state_di
 ``mmkit export``). DeepSpeed loads its files with ``torch.load(weights_only=False)``, which runs any
 code a crafted file carries: mmkit checks every file of a folder first
 (``mmkit.parallel.sharded_checkpoint.verify_deepspeed_checkpoint``) and runs DeepSpeed's reading, for export
-and for resume, with every ``torch.load`` forced to ``weights_only`` (``guard_checkpoint_loading``).
+and for resume, with every ``torch.load`` forced to ``weights_only`` (resume: ``mmkit.parallel.deepspeed_strategy``).
 Nothing here imports DeepSpeed unless the strategy, engine, parameters or checkpoint are
 DeepSpeed's, or a command names it (``import_quietly_if_named``).
 """
@@ -47,7 +49,6 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -87,69 +88,11 @@ def deepspeed_strategy(module) -> object | None:
     return strategy if isinstance(strategy, DeepSpeedStrategy) else None
 
 
-def prepare(module, grad_clip_norm: float | None) -> None:
-    """Called from the module's ``setup`` hook, before Lightning formats the DeepSpeed config,
-    builds the model and the engine; no-op unless the module runs under ``DeepSpeedStrategy``.
-
-    - writes the module's gradient clipping into the config (refusing a config that asks for a
-      different one);
-    - fills in ``train_micro_batch_size_per_gpu`` (DeepSpeed only logs with it) from the data
-      module's ``batch_size``: Lightning would read it from the loader's ``batch_sampler``, which
-      mmkit's loaders do not have (their sampler yields whole batches);
-    - builds the model without ``deepspeed.zero.Init`` (see the module docstring);
-    - makes DeepSpeed accept 0-dim parameters (``patch_scalar_params``);
-    - checks a checkpoint folder before the strategy resumes from it (``guard_checkpoint_loading``).
-    """
-    strategy = deepspeed_strategy(module)
-    if strategy is None or strategy.config is None:
-        return
-    patch_scalar_params()
-    guard_checkpoint_loading(strategy)
-    config = strategy.config
-    want = float(grad_clip_norm or 0.0)
-    have = float(config.get("gradient_clipping") or 0.0)
-    if have not in (0.0, want):
-        raise ValueError(
-            f"the DeepSpeed config sets gradient_clipping={have} but the module has grad_clip_norm={grad_clip_norm}: "
-            "remove gradient_clipping from the DeepSpeed config and set model.init_args.grad_clip_norm"
-        )
-    config["gradient_clipping"] = want
-    batch_size = getattr(module.trainer.datamodule, "batch_size", None)
-    config.setdefault("train_micro_batch_size_per_gpu", int(batch_size) if isinstance(batch_size, int) else 1)
-    strategy.model_sharded_context = _config_only_context.__get__(strategy)
-
-
-def guard_checkpoint_loading(strategy) -> None:
-    """Make ``strategy.load_checkpoint`` (Lightning's resume and evaluation of a checkpoint) check a
-    DeepSpeed folder with ``verify_deepspeed_checkpoint`` first, and run DeepSpeed's engine, whose
-    ``torch.load`` calls ask for ``weights_only=False``, with every load forced to ``weights_only``.
-    Idempotent."""
-    load = strategy.load_checkpoint
-    if getattr(load, "_mmkit_checked", False):
-        return
-
-    def load_checkpoint(checkpoint_path, weights_only=None):
-        if weights_only is False:  # the caller trusts the checkpoint explicitly
-            return load(checkpoint_path, weights_only)
-        if Path(checkpoint_path).is_dir():
-            verify_deepspeed_checkpoint(checkpoint_path)
-        with weights_only_everywhere(deepspeed_globals()):
-            return load(checkpoint_path, weights_only)
-
-    load_checkpoint._mmkit_checked = True
-    strategy.load_checkpoint = load_checkpoint
-
-
-@contextlib.contextmanager
-def _config_only_context(strategy) -> Iterator[None]:
-    # DeepSpeedStrategy.model_sharded_context without ``deepspeed.zero.Init``.
-    strategy._init_config_if_needed()
-    yield
-
-
 def patch_scalar_params() -> None:
     """Let DeepSpeed build engines for models with 0-dim parameters (open_clip's ``logit_scale``
-    and ``logit_bias``).
+    and ``logit_bias``). The one patch of DeepSpeed's classes mmkit makes, and only while
+    ``DeepSpeedStrategy.setup`` builds the engine: see ``deepspeed_strategy.broadcastable_0dim_params``,
+    which undoes it afterwards.
 
     DeepSpeed (seen in 0.19.8) broadcasts parameters from rank 0 as ``p.data.view(torch.uint8)``,
     which PyTorch refuses for a 0-dim float tensor, in two places every CLIP model goes through:

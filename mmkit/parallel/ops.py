@@ -209,6 +209,15 @@ def parallel_ops(module) -> ReplicatedOps:
     return cached
 
 
+def check_strategy(strategy) -> None:
+    """Refuse a strategy that would build or train mmkit's modules wrongly, naming the one to use
+    (Lightning's own ``DeepSpeedStrategy``: mmkit's subclass builds the model outside
+    ``zero.Init`` and hands the module's clipping to DeepSpeed)."""
+    from mmkit.parallel.deepspeed_strategy import require_mmkit_deepspeed
+
+    require_mmkit_deepspeed(strategy)
+
+
 def _kind(strategy, model: nn.Module | None, mesh) -> type[ReplicatedOps]:
     if ds.is_deepspeed_strategy(strategy) or (model is not None and ds.holds(model)):
         return DeepSpeedOps

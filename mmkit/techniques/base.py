@@ -24,10 +24,9 @@ from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
-from mmkit.parallel import deepspeed_support as ds
 from mmkit.training.grad_cache import chunked_backward
 from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
-from mmkit.parallel.ops import parallel_ops
+from mmkit.parallel.ops import check_strategy, parallel_ops
 from mmkit.run_folder import run_folder
 
 
@@ -166,9 +165,9 @@ class DualEncoderModule(L.LightningModule):
 
     # -- model -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # DeepSpeedStrategy only (before it builds the model and engine): clipping and batch size
-        # into its config, no zero.Init. A subclass overriding setup must call super().setup(stage).
-        ds.prepare(self, self.grad_clip_norm)
+        # A strategy that would build this module wrongly (Lightning's own DeepSpeedStrategy) is
+        # refused with an error naming mmkit's. A subclass must call super().setup(stage).
+        check_strategy(self.trainer.strategy)
 
     def configure_model(self) -> None:
         # Idempotent: Lightning may call it more than once, and the model may be built earlier.

@@ -1,5 +1,5 @@
 """Two AlignGAN ``mode: gradient_reversal`` training steps under a real Lightning Trainer, on
-Lightning's DeepSpeed strategy (CUDA check removed: ``deepspeed_cpu.CPUDeepSpeedStrategy``) or on
+mmkit's DeepSpeed strategy (Lightning's CUDA check removed: ``deepspeed_cpu.CPUDeepSpeedStrategy``) or on
 one plain process. Rank 1 starts from another D: DeepSpeed must replace its weights, and AlignGAN
 its spectral-norm vectors, with rank 0's. Rank 0 saves each step's loss (mean over ranks) and
 gradients (gathered from the ZeRO partitions: encoders, temperature and D) and the trained fp32

@@ -16,7 +16,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
+
+from mmkit.parallel.deepspeed_strategy import DeepSpeedStrategy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,9 +72,10 @@ def in_engine_forward(engine, module, step):
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's ``DeepSpeedStrategy`` minus its CUDA-only check, so that mmkit's modules run
-    under the real strategy (engine built by Lightning, ``zero.Init`` around ``configure_model``,
-    DeepSpeed's backward/step/clipping/checkpointing) on CPU processes over gloo. Test-only."""
+    """mmkit's ``DeepSpeedStrategy`` minus Lightning's CUDA-only check, so that mmkit's modules run
+    under the real strategy (config completed from the module, model built whole, engine built by
+    Lightning, DeepSpeed's backward/step/clipping/checkpointing) on CPU processes over gloo.
+    Test-only."""
 
     def setup_environment(self) -> None:
         skip_shm_kernel()

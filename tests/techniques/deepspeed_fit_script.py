@@ -1,4 +1,4 @@
-"""``mmkit fit`` (``mmkit.cli.main``) under Lightning's DeepSpeed strategy on CPU processes.
+"""``mmkit fit`` (``mmkit.cli.main``) under mmkit's DeepSpeed strategy on CPU processes.
 
     python deepspeed_fit_script.py [mmkit fit arguments...]
 

@@ -9,8 +9,8 @@ RUN (default: all, in this order):
 - ``ddp``: Lightning DDP, batch 4 per rank; also each rank's own, un-reduced Fisher sums.
 - ``fsdp``: FSDP2 (``ModelParallelStrategy``, the CPU route), batch 4 per rank, a sharded
   checkpoint after each task; ``fsdp_resume`` resumes from the one after task 0 and trains task 1.
-- ``zero1``, ``zero2``, ``zero2_chunks`` (``accumulate_chunks=2``): DeepSpeed through Lightning's
-  ``DeepSpeedStrategy`` minus its CUDA check (``deepspeed_cpu.CPUDeepSpeedStrategy``).
+- ``zero1``, ``zero2``, ``zero2_chunks`` (``accumulate_chunks=2``): DeepSpeed through mmkit's
+  ``DeepSpeedStrategy`` minus Lightning's CUDA check (``deepspeed_cpu.CPUDeepSpeedStrategy``).
 - ``zero3``: DeepSpeed ZeRO-3, which EWCIncremental refuses: saves the error message.
 
 Each run writes ``<run>_rank<r>.pt``: the Fisher (per-sample estimator) and anchor stored after

@@ -10,11 +10,11 @@ Lightning refuses DeepSpeed without CUDA, so mmkit's side is tested in two ways:
    (several ``engine.backward`` per step), mmkit's skipped step for a non-finite loss, the
    temperature clamp reaching DeepSpeed's master weights, and the ZeRO checkpoint consolidated
    to one file and exported by ``mmkit export``.
-2. Lightning's own ``DeepSpeedStrategy`` with only its CUDA checks removed
-   (``deepspeed_cpu.CPUDeepSpeedStrategy``): the shipped ZeRO-3 recipe run through ``mmkit fit``
-   on 2 processes (``zero.Init`` around ``configure_model``, manual optimisation, clipping via
-   the DeepSpeed config, export at the end of fit, a DeepSpeed checkpoint directory) against the
-   same recipe on one process with the double batch.
+2. mmkit's ``DeepSpeedStrategy`` (``mmkit.parallel.deepspeed_strategy``) with only Lightning's
+   CUDA checks removed (``deepspeed_cpu.CPUDeepSpeedStrategy``): the shipped ZeRO-3 recipe run
+   through ``mmkit fit`` on 2 processes (the model built whole and partitioned by the engine,
+   manual optimisation, clipping via the DeepSpeed config, export at the end of fit, a DeepSpeed
+   checkpoint directory) against the same recipe on one process with the double batch.
 """
 
 from __future__ import annotations
@@ -94,17 +94,18 @@ def _engine_worker(rank: int, world: int, out: str) -> None:
     from mmkit import distributed as D
     from mmkit.parallel import deepspeed_support as ds
     from mmkit.parallel.ops import parallel_ops
+    from mmkit.parallel.deepspeed_strategy import broadcastable_0dim_params
     from mmkit.training.grad_cache import chunked_backward
 
-    ds.patch_scalar_params()  # what mmkit's configure_model does under DeepSpeedStrategy
     images, texts = _batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     results: dict = {}
     for name, mode in RUNS:
         module = _module()
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=_optimizer(module), config=_ds_config(name), dist_init_required=False
-        )
+        with broadcastable_0dim_params():  # as mmkit's DeepSpeedStrategy builds its engine
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=module, optimizer=_optimizer(module), config=_ds_config(name), dist_init_required=False
+            )
         start = time.perf_counter()
         if mode == "skip":  # mmkit's non-finite step: backward, then zero_grad instead of step
             bad = module.compute_loss(engine(images[rows], texts[rows]), {})["contrastive_loss"] * float("nan")
@@ -241,7 +242,7 @@ def test_zero_checkpoint_consolidates_and_exports(engine_runs, name, tmp_path):
             assert torch.equal(value, run["state"]["model.clip." + n]), n
 
 
-# -- Lightning's DeepSpeedStrategy, through `mmkit fit` with the shipped ZeRO-3 recipe ------------
+# -- mmkit's DeepSpeedStrategy, through `mmkit fit` with the shipped ZeRO-3 recipe ---------------
 def _fit(out: Path, devices: int, batch: int, chunks: int, deepspeed_config: str | None,
          recipe: str = "recipes/clip_deepspeed_zero3.yaml") -> None:
     strategy = (["--trainer.strategy", "deepspeed_cpu.CPUDeepSpeedStrategy", "--trainer.strategy.config", deepspeed_config]
@@ -317,8 +318,8 @@ def test_gpu_check_refuses_cleanly_without_a_gpu():
 
 
 def test_lightning_deepspeed_zero2_recipe_trains_and_exports(tmp_path):
-    """The shipped ZeRO-2 recipe (its strategy swapped for the CPU stand-in of Lightning's
-    DeepSpeedStrategy, which refuses CPUs) on 2 processes: a ZeRO-2 engine takes the steps and the
+    """The shipped ZeRO-2 recipe (its strategy swapped for the CPU stand-in of mmkit's
+    DeepSpeedStrategy, since Lightning's refuses CPUs) on 2 processes: a ZeRO-2 engine takes the steps and the
     run exports."""
     _fit(tmp_path / "ds", WORLD, PER_RANK, 1, "recipes/deepspeed/zero2.json", recipe="recipes/clip_deepspeed_zero2.yaml")
     engine = json.loads((tmp_path / "ds" / "engine.json").read_text())

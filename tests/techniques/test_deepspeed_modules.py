@@ -18,7 +18,7 @@ runs share one pair of processes (each process imports Lightning and DeepSpeed o
 - AlignGAN (ZeRO-3 here): D inside the engine (its gradients reduced by DeepSpeed once, not by
   hand again), spectral norm included.
 
-AlignGAN under ZeRO-2 instead runs its own ``training_step`` in a 2-process fit by Lightning's
+AlignGAN under ZeRO-2 instead runs its own ``training_step`` in a 2-process fit by mmkit's
 DeepSpeed strategy (``deepspeed_align_gan_fit_script.py``) against one plain process with the
 double batch; ``mode: alternating`` is refused under that strategy.
 """
@@ -45,7 +45,7 @@ LR, MAX_SCALE = 1e-3, 10.0
 MODULES = ("metric_align", "kd_student", "align_gan")
 # Stage name -> shipped JSON; ZeRO-3 with no small parameter kept whole, as in a large model.
 STAGES = {"zero2": "zero2", "zero3": "zero3_partitioned"}
-# AlignGAN under ZeRO-2 runs through Lightning's own strategy instead (its training_step).
+# AlignGAN under ZeRO-2 runs through mmkit's DeepSpeedStrategy instead (its training_step).
 RUNS = [(m, s) for m in MODULES for s in STAGES if (m, s) != ("align_gan", "zero2")]
 
 
@@ -131,14 +131,14 @@ def _worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from mmkit import distributed as D
     import math
 
+    from mmkit import distributed as D
     from mmkit.parallel import deepspeed_support as ds
     from mmkit.parallel.ops import parallel_ops
+    from mmkit.parallel.deepspeed_strategy import broadcastable_0dim_params
     from mmkit.techniques.base import loss_total
 
-    ds.patch_scalar_params()  # what mmkit's setup does under DeepSpeedStrategy
     folder = Path(out)
     teacher_arch = str(folder / "teacher_arch.json")
     batches = _batches()
@@ -149,9 +149,10 @@ def _worker(rank: int, world: int, out: str) -> None:
         module = _module(name, teacher_arch)
         if name == "kd_student" and stage == "zero3":
             module.teacher  # built before the engine: it must still stay out of it
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=_optimizer(name, module),
-                                               config=deepspeed_cpu.ds_config(STAGES[stage], PER_RANK),
-                                               dist_init_required=False)
+        with broadcastable_0dim_params():  # as mmkit's DeepSpeedStrategy builds its engine
+            engine, _, _, _ = deepspeed.initialize(model=module, optimizer=_optimizer(name, module),
+                                                   config=deepspeed_cpu.ds_config(STAGES[stage], PER_RANK),
+                                                   dist_init_required=False)
         steps = []
         for batch in batches:
             local = {k: v[rows] for k, v in batch.items()}
@@ -313,7 +314,7 @@ def test_align_gan_alternating_is_refused_under_deepspeed():
 
 
 def test_lightning_deepspeed_fits_align_gan_gradient_reversal(tmp_path):
-    """AlignGAN's own ``training_step`` under Lightning's DeepSpeedStrategy (ZeRO-2, 2 processes,
+    """AlignGAN's own ``training_step`` under mmkit's DeepSpeedStrategy (ZeRO-2, 2 processes,
     batch 4 each): the same 2 steps as one plain process with batch 8 (loss, encoder and D
     gradients, trained weights). D's gradients are reduced by DeepSpeed alone."""
     import subprocess

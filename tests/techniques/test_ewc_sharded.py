@@ -10,7 +10,7 @@ process with the double batch (fp32), all from one launch of tests/techniques/ew
   task 0 resumes into the same task-1 steps;
 - ZeRO-3 is refused with an error naming the alternatives.
 
-DeepSpeed runs through Lightning's ``DeepSpeedStrategy`` minus its CUDA check
+DeepSpeed runs through mmkit's ``DeepSpeedStrategy`` minus Lightning's CUDA check
 (``deepspeed_cpu.CPUDeepSpeedStrategy``), ZeRO-1, ZeRO-2 and ZeRO-2 with ``accumulate_chunks=2``.
 """
 
