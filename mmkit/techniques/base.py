@@ -67,6 +67,15 @@ def _scores(retrieval: RetrievalMetrics, zeroshot: ZeroShotAccuracy | None) -> d
     return metrics
 
 
+def one_row_like(images: Tensor, texts) -> tuple[Tensor, object]:
+    """A one-row batch of zeros with the shapes and types of ``images`` and ``texts`` (a tensor or
+    a dict of tensors), e.g. of an empty batch."""
+    def row(t: Tensor) -> Tensor:
+        return t.new_zeros((1, *t.shape[1:]))
+
+    return row(images), ({k: row(v) for k, v in texts.items()} if isinstance(texts, dict) else row(texts))
+
+
 class DualEncoderModule(L.LightningModule):
     """Shared training/evaluation machinery (see module docstring).
 
@@ -371,10 +380,7 @@ class DualEncoderModule(L.LightningModule):
             for batch in loader:
                 batch = move_data_to_device(batch, self.device)
                 if batch["images"].shape[0] == 0:  # every sample of the batch was bad
-                    if D.world_size() > 1:
-                        # A sharded model (FSDP2, ZeRO-3) gathers its parameters inside every
-                        # forward: all ranks must run the same number of them.
-                        self.model(batch["images"], batch["texts"])
+                    self._lockstep_forward(batch)
                     continue
                 features = self.eval_features(self.forward(batch["images"], batch["texts"]), batch, split)
                 _update_scores(retrieval, zeroshot, classifier, features, batch)
@@ -383,13 +389,23 @@ class DualEncoderModule(L.LightningModule):
             return {}
         return _scores(retrieval, zeroshot if classifier is not None else None)
 
+    @torch.no_grad()
+    def _lockstep_forward(self, empty_batch: dict) -> None:
+        # A model whose parameters are sharded (FSDP2) or partitioned (ZeRO-3) gathers them inside
+        # every forward, a collective: a rank whose batch was all bad still runs one, on a one-row
+        # dummy of the batch's shape (a transformer cannot run zero rows); the result is dropped.
+        ops = parallel_ops(self)
+        if ops.shards_parameters or ops.partitions_parameters:
+            self.model(*one_row_like(empty_batch["images"], empty_batch["texts"]))
+
     def _eval_class_names(self, split: str) -> list[str] | None:
         # The data module's source for the split (a DataLoader wraps it in batch fetchers).
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         return getattr(getattr(datamodule, split, None), "class_names", None)
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        if batch["images"].shape[0] == 0:
+        if batch["images"].shape[0] == 0:  # every sample of the batch was bad
+            self._lockstep_forward(batch)
             return
         out = self.forward(batch["images"], batch["texts"])
         with D.local_only():  # ranks may run different numbers of eval batches

@@ -113,3 +113,22 @@ def test_ewc_zero_shot_encodes_prompts_through_the_project_hook(tiny_arch, tmp_p
     assert reference.accuracy[True] != reference.accuracy[False]
     assert module.matrix.before["zeroshot_top1"] == pytest.approx(reference.accuracy[True])
     torch.testing.assert_close(reference.from_base, reference.classifier[True])
+
+
+def test_an_all_bad_batch_can_still_take_part_in_a_sharded_forward(tiny_arch):
+    """What a rank whose evaluation batch was all bad runs under FSDP2 / ZeRO-3 (every forward
+    gathers parameters, a collective): the model cannot run zero rows, but it runs the one-row
+    dummy of the empty batch's shapes."""
+    from mmkit.models import OpenCLIP
+    from mmkit.techniques.base import one_row_like
+
+    model = OpenCLIP(tiny_arch).build()
+    empty_images, empty_texts = torch.zeros(0, 3, 16, 16), torch.zeros(0, 8, dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        model(empty_images, empty_texts)
+    images, texts = one_row_like(empty_images, empty_texts)
+    assert images.shape == (1, 3, 16, 16) and texts.shape == (1, 8) and texts.dtype == torch.long
+    out = model(images, texts)
+    assert out["image_features"].shape[0] == 1 and out["text_features"].shape[0] == 1
+    images, texts = one_row_like(empty_images, {"input_ids": empty_texts, "attention_mask": empty_texts})
+    assert set(texts) == {"input_ids", "attention_mask"} and texts["input_ids"].shape == (1, 8)
