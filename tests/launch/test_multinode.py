@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parents[1] / "modules" / "ddp_step_script.py"
+SCRIPT = Path(__file__).parents[1] / "techniques" / "ddp_step_script.py"
 TIMEOUT_S = 600
 # Variables that would make Lightning pick another environment or other ranks than the test sets.
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -105,7 +105,7 @@ def test_align_gan_averages_the_gradients_of_a_paired_loss_that_owns_parameters(
     and the loss's weights drift apart (they did before the base step owned AlignGAN's step)."""
     name = "align_gan_owned_loss"
     ranks, single = _load(fsdp, name, 2), _single(tmp_path, name)
-    _assert_same_step(ranks, single, ("loss.proj.weight", "loss.proj.bias", "model.clip.logit_scale"))
+    _assert_same_step(ranks, single, ("loss.0.proj.weight", "loss.0.proj.bias", "model.clip.logit_scale"))
     for key, value in single["loss"].items():
         assert torch.equal(ranks[0]["loss"][key], ranks[1]["loss"][key]), f"loss.{key} differs between ranks"
         assert torch.allclose(ranks[0]["loss"][key], value, atol=1e-5, rtol=1e-5), f"loss.{key}"
