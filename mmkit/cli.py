@@ -3,13 +3,20 @@
 A LightningCLI over every mmkit module and data module: the recipe YAML names classes by
 ``class_path`` and ``--print_config`` shows every knob. Run-time values never go in YAML: the
 model's transforms and tokenizer are linked into the data module when both are instantiated.
+
+As a command, errors print as ``mmkit: error: <the root cause>`` (exit status 2 for a refused
+configuration or command line, 1 for a failure while running); ``--debug`` or ``MMKIT_DEBUG=1``
+adds the traceback. Called from Python (``main(argv)``), the caller gets the exception.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -40,8 +47,40 @@ from mmkit.parallel.fsdp2_strategy import FSDP2Strategy  # noqa: E402,F401  (reg
 from mmkit.parallel.deepspeed_strategy import DeepSpeedStrategy  # noqa: E402,F401  (registers `strategy: mmkit_deepspeed_*`)
 
 
+DESCRIPTION = (
+    "mmkit: image-text alignment training (CLIP, metric learning, adversarial, continual, distillation) "
+    "on PyTorch Lightning, configured by recipe YAML."
+)
+EPILOG = (
+    "subcommands: fit, validate, test, predict (add --help after one for its options), and "
+    "export (mmkit export --help): write a checkpoint's model in its native format. "
+    "Errors print one message; run with --debug or MMKIT_DEBUG=1 for the traceback."
+)
+DEBUG_ENV = "MMKIT_DEBUG"
+# mmkit and the classes it configures refuse a setting with these; inside a run, before its first
+# batch, they are still the configuration's fault (a data source without a column, a missing file).
+CONFIGURATION_ERRORS = (ValueError, TypeError, LookupError, FileNotFoundError, NotADirectoryError, argparse.ArgumentError)
+
+
+class UsageError(argparse.ArgumentError):
+    """A command line that cannot be parsed, with the nearest valid option where one is close."""
+
+    def __init__(self, message: str):
+        super().__init__(None, message)
+
+
 class MMKitCLI(LightningCLI):
     eval_dir: str | None = None  # validate/test/predict: the folder everything the run writes goes to
+
+    def init_parser(self, **kwargs):
+        # Parse errors are raised (ArgumentError), not printed with the usage and a config dump:
+        # `command` prints their cause. No abbreviations: `--trainer.max_step 5` would silently
+        # set max_steps; it is refused with the nearest option instead.
+        kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("allow_abbrev", False)
+        if "description" not in kwargs:  # the main parser (subcommand parsers get theirs from Lightning)
+            kwargs.update(description=DESCRIPTION, epilog=EPILOG, prog="mmkit")
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(
@@ -60,7 +99,13 @@ class MMKitCLI(LightningCLI):
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as e:
+            unknown = self._unknown_option(str(e), list(sys.argv[1:] if args is None else args))
+            if unknown is None:
+                raise
+            raise UsageError(unknown) from e
         # Check a given checkpoint file now, so that a truncated or corrupt one fails with its name,
         # not a bare unpickling error later; and say where its hyperparameters differ from the config.
         # A folder that validate/test/predict will hand to the strategy: every pickle in it is checked
@@ -76,6 +121,20 @@ class MMKitCLI(LightningCLI):
             if differing and rank_zero_only.rank == 0:
                 print(f"mmkit: {ckpt_path} was trained with other values of {', '.join(differing)}; "
                       "the config's (recipe and command line) are used", flush=True)
+
+    def _unknown_option(self, message: str, words: list[str]) -> str | None:
+        """``unknown option --X (did you mean --Y?)`` for the first option argparse reported as
+        unrecognized, with the nearest option string of the subcommand's parser; None for any
+        other parse error."""
+        prefix = "unrecognized arguments: "
+        parsers = getattr(self, "_subcommand_parsers", {})
+        subcommand = next((w for w in words if w in parsers), None)
+        options = [w.split("=", 1)[0] for w in message[len(prefix):].split() if w.startswith("--")]
+        if not message.startswith(prefix) or subcommand is None or not options:
+            return None
+        known = [o for o in parsers[subcommand]._option_string_actions if o.startswith("--")]
+        near = difflib.get_close_matches(options[0], known, n=1, cutoff=0.6)
+        return f"unknown option {options[0]}" + (f" (did you mean {near[0]}?)" if near else "")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning would parse the checkpoint's hyperparameters over the config here, after the
@@ -103,15 +162,20 @@ class MMKitCLI(LightningCLI):
         # A fit locks its run folder (global rank 0) from before `--ckpt_path last` is resolved to
         # after the test that follows it, so a second fit there stops before it reads or writes
         # anything. validate/test/predict write to an eval folder of their own: no lock.
-        if subcommand != "fit" or not self.trainer.is_global_zero:
-            return super()._run_subcommand(subcommand)
-        folder = run_lock.acquire(self.trainer.default_root_dir)
         try:
-            # before Lightning looks for SLURM's hpc_ckpt_<N> there (the digits of every such name)
-            remove_write_debris(folder)
-            super()._run_subcommand(subcommand)
-        finally:
-            run_lock.release(folder)
+            if subcommand != "fit" or not self.trainer.is_global_zero:
+                return super()._run_subcommand(subcommand)
+            folder = run_lock.acquire(self.trainer.default_root_dir)
+            try:
+                # before Lightning looks for SLURM's hpc_ckpt_<N> there (the digits of every such name)
+                remove_write_debris(folder)
+                super()._run_subcommand(subcommand)
+            finally:
+                run_lock.release(folder)
+        except Exception as e:
+            # for `command`: whether the error came once batches were being run (not the config's fault)
+            e.mmkit_batches_begun = _batches_begun(self.trainer)
+            raise
 
     def before_fit(self) -> None:
         # `--ckpt_path last`: the checkpoint furthest into training that loads and matches its
@@ -140,6 +204,13 @@ class MMKitCLI(LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(c, EmbeddingWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
+
+
+def _batches_begun(trainer) -> bool:
+    loops = [trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop,
+             trainer.test_loop, trainer.predict_loop]
+    return any(getattr(getattr(loop, "batch_progress", None), "total", None) is not None
+               and loop.batch_progress.total.started > 0 for loop in loops)
 
 
 def remove_hpc_checkpoints(root: str | Path) -> list[Path]:
@@ -224,19 +295,87 @@ def run_cli(argv: list[str] | None = None) -> MMKitCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    words = list(sys.argv[1:] if argv is None else argv)
+    """The ``mmkit`` command (``argv`` None: ``sys.argv``); given ``argv`` from Python, errors are
+    raised to the caller instead of printed."""
+    if argv is None:
+        sys.exit(command())
+    _dispatch(list(argv), list(argv))
+
+
+def _dispatch(words: list[str], cli_args: list[str] | None) -> None:
     from mmkit.parallel.deepspeed_support import import_quietly_if_named
 
     import_quietly_if_named(words)  # keeps DeepSpeed's log lines out of stdout (--print_config)
     if words and words[0] == "export":
         export(words[1:])
         return
+    run_cli(cli_args)  # None: LightningCLI reads sys.argv itself (and does not warn)
+
+
+def command(words: list[str] | None = None) -> int:
+    """Run ``mmkit WORDS`` (None: this process's ``sys.argv``) as the command does and return its
+    exit status: 0; 2 when the configuration or command line was refused; 1 for a failure while
+    running. An error prints as ``mmkit: error: <its root cause>`` on stderr, after the traceback
+    with ``--debug`` (anywhere on the line) or ``MMKIT_DEBUG=1``."""
+    own = words is None
+    words = list(sys.argv[1:] if own else words)
+    debug = "--debug" in words or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    words = [w for w in words if w != "--debug"]
+    if own:
+        sys.argv[1:] = words  # the ranks Lightning launches rerun sys.argv: they inherit the switch as
+        if debug:             # the environment variable instead
+            os.environ[DEBUG_ENV] = "1"
     try:
-        run_cli(argv)
-    except run_lock.RunFolderLocked as e:
-        if argv is not None:  # called from Python: the caller gets the exception
-            raise
-        sys.exit(str(e))  # the `mmkit` command: the message and status 1, no traceback
+        _dispatch(words, None if own else words)
+    except Exception as e:  # SystemExit (--help, --print_config, Preempted) passes through
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"
+        print(f"mmkit: error: {error_message(e)}{hint}", file=sys.stderr, flush=True)
+        return error_status(e)
+    return 0
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from, outermost first."""
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    return chain
+
+
+def _from_jsonargparse(error: BaseException) -> bool:
+    """Whether jsonargparse raised ``error`` itself (a value it refused), not a class it called."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return isinstance(error, argparse.ArgumentError) or bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
+
+
+def error_message(error: BaseException) -> str:
+    """The message of the root cause of ``error``: the exception a class raised while jsonargparse
+    instantiated it, not jsonargparse's wrappers around it (which quote it with every other union
+    member's complaint and the whole config). A complaint of jsonargparse's own (a file that does
+    not exist, a value of the wrong type, an unknown key of a class) is named by its parser key."""
+    chain = _chain(error)
+    root = chain[-1]
+    if isinstance(error, UsageError) or not _from_jsonargparse(root):
+        return str(root if not isinstance(error, UsageError) else error)
+    # jsonargparse wraps the innermost cause in "Problem with given class_path 'X':\n  <cause>"
+    # (ValueError) and the outermost in 'Parser key "k":\n  ...' (ArgumentError, message only).
+    problem = next((e for e in reversed(chain) if str(e).startswith("Problem with given class_path")), root)
+    key = next((e.args[0] if isinstance(e, TypeError) else str(e) for e in chain
+                if str(e).startswith('Parser key "')), "")
+    key = key[len('Parser key "'):].split('"', 1)[0] if key else ""
+    return f"{key}: {problem}" if key else str(problem)
+
+
+def error_status(error: BaseException) -> int:
+    """2: a refused configuration or command line (anything raised before the run, or a
+    configuration error raised in it before its first batch); 1: a failure while running."""
+    root = _chain(error)[-1]
+    if not hasattr(error, "mmkit_batches_begun"):  # raised before the run: parsing, instantiation, checks
+        return 2
+    configuration = isinstance(root, CONFIGURATION_ERRORS) or isinstance(error, CONFIGURATION_ERRORS)
+    return 2 if configuration and not error.mmkit_batches_begun else 1
 
 
 if __name__ == "__main__":
