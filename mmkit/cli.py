@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
-from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
+from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
@@ -40,7 +41,7 @@ from mmkit.loggers import CSVLogger as ContinuingCSVLogger  # noqa: E402
 from mmkit.techniques.base import DualEncoderModule  # noqa: E402
 from mmkit.run_config import (  # noqa: E402
     EVAL_DIR_ENV, EVAL_SUBCOMMANDS, SaveRunConfig, checkpoint_differences, claim_eval_dir, continue_csv_logs,
-    redirect_eval_outputs,
+    log_to_run_folder, redirect_eval_outputs, validation_never_runs,
 )
 from mmkit.parallel.sharded_checkpoint import verify_sharded_checkpoint  # noqa: E402
 from mmkit.parallel.fsdp2_strategy import FSDP2Strategy  # noqa: E402,F401  (registers `strategy: fsdp2`)
@@ -99,18 +100,28 @@ class MMKitCLI(LightningCLI):
         parser.set_defaults({"trainer.use_distributed_sampler": False})
 
     def parse_arguments(self, parser, args) -> None:
+        # LightningCLI's parse, with validation after a CSV/TensorBoard logger without a save_dir
+        # (the recipes leave it out) is given the run folder, trainer.default_root_dir: the one
+        # folder knob. Validated as is, the missing save_dir would fail.
         try:
-            super().parse_arguments(parser, args)
+            if isinstance(args, (dict, Namespace)):
+                self.config = parser.parse_object(args, _skip_validation=True)
+            else:
+                self.config = parser.parse_args(args, _skip_validation=True)
         except argparse.ArgumentError as e:
             unknown = self._unknown_option(str(e), list(sys.argv[1:] if args is None else args))
             if unknown is None:
                 raise
             raise UsageError(unknown) from e
+        subcommand = self.config.get("subcommand")
+        note = log_to_run_folder(self.config[subcommand] if subcommand else self.config)
+        if note and subcommand == "fit" and rank_zero_only.rank == 0:
+            print(note, flush=True)
+        parser.validate(self.config)
         # Check a given checkpoint file now, so that a truncated or corrupt one fails with its name,
         # not a bare unpickling error later; and say where its hyperparameters differ from the config.
         # A folder that validate/test/predict will hand to the strategy: every pickle in it is checked
         # (fit checks its checkpoint in before_fit).
-        subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and subcommand in EVAL_SUBCOMMANDS and Path(ckpt_path).is_dir():
             verify_sharded_checkpoint(ckpt_path)
@@ -190,6 +201,8 @@ class MMKitCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, ContinuingCSVLogger):
                 logger.resuming = bool(resuming)
+        if getattr(self.datamodule, "val", None) is not None and (why := validation_never_runs(self.trainer)):
+            rank_zero_warn(f"mmkit: {why}", category=UserWarning)
 
     def after_fit(self) -> None:
         # A finished fit makes SLURM preemption checkpoints stale; left in place, Lightning would

@@ -83,13 +83,58 @@ def redirect_eval_outputs(config: Namespace, subcommand: str) -> str:
     return folder
 
 
+def log_to_run_folder(config: Namespace) -> str | None:
+    """A fit's run folder is ``trainer.default_root_dir``: a CSV or TensorBoard logger whose
+    ``save_dir`` is not set (the recipes leave it out) writes there, so that one setting moves
+    metrics, checkpoints, report, export and the saved config together. A ``save_dir`` set
+    explicitly is kept; when it differs from ``default_root_dir`` (checkpoints and the run lock
+    stay there) a note is returned naming both folders."""
+    trainer = config.trainer
+    root = trainer.default_root_dir or os.getcwd()  # Lightning's own default
+    notes = []
+    for logger in _loggers(config):
+        if isinstance(logger, Namespace) and _is_subclass(logger.get("class_path"), (CSVLogger, TensorBoardLogger)):
+            if logger.get("init_args") is None:
+                logger.init_args = Namespace()
+            if logger.init_args.get("save_dir") is None:
+                logger.init_args.save_dir = root
+            elif os.path.abspath(str(logger.init_args.save_dir)) != os.path.abspath(str(root)):
+                notes.append(f"{logger.class_path.rpartition('.')[2]} writes to {logger.init_args.save_dir} (its save_dir)")
+    if not notes:
+        return None
+    return (f"mmkit: {'; '.join(notes)}, while checkpoints go to trainer.default_root_dir {root}; "
+            "to keep the run in one folder set only --trainer.default_root_dir and leave the logger's save_dir out")
+
+
 def continue_csv_logs(config: Namespace) -> None:
     """A fit's Lightning ``CSVLogger`` becomes ``mmkit.loggers.CSVLogger`` (a subclass, same
     arguments), which keeps the rows of ``metrics.csv`` when the fit resumes."""
-    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-    for logger in loggers:
+    for logger in _loggers(config):
         if isinstance(logger, Namespace) and _import(logger.get("class_path") or "") is CSVLogger:
             logger.class_path = f"{ContinuingCSVLogger.__module__}.{ContinuingCSVLogger.__name__}"
+
+
+def validation_never_runs(trainer: L.Trainer) -> str | None:
+    """Why a fit with these trainer settings would never validate, or None. Lightning accepts
+    them silently: with ``check_val_every_n_epoch: null`` validation runs every
+    ``val_check_interval`` training batches counted over the whole fit, so an interval past the
+    last batch (``max_steps`` × ``accumulate_grad_batches``) never comes; with epochs, an interval
+    of more epochs than ``max_epochs`` never does either."""
+    if not trainer.limit_val_batches:
+        return None  # validation switched off on purpose
+    every_epochs, interval = trainer.check_val_every_n_epoch, trainer.val_check_interval
+    max_steps, max_epochs, accumulate = trainer.max_steps, trainer.max_epochs, trainer.accumulate_grad_batches
+    if every_epochs is None and isinstance(interval, int) and max_steps is not None and max_steps > 0:
+        batches = max_steps * accumulate
+        if interval > batches:
+            return (f"validation never runs: val_check_interval={interval} training batches, but the fit stops after "
+                    f"max_steps={max_steps}" + (f" × accumulate_grad_batches={accumulate} = {batches}" if accumulate > 1 else "")
+                    + " (check_val_every_n_epoch=null counts batches over the whole fit); "
+                    f"set val_check_interval to at most {batches}")
+    if every_epochs and (max_steps is None or max_steps < 0) and max_epochs is not None and 0 < max_epochs < every_epochs:
+        return (f"validation never runs: check_val_every_n_epoch={every_epochs}, but the fit stops after "
+                f"max_epochs={max_epochs}; set check_val_every_n_epoch to at most {max_epochs}")
+    return None
 
 
 def new_eval_dir(root: str | Path, subcommand: str) -> str:
@@ -114,6 +159,11 @@ def claim_eval_dir(folder: str, fresh: bool) -> None:
             "(or leave --eval_dir out for a new one under <default_root_dir>/eval/)"
         )
     fs.makedirs(folder, exist_ok=True)
+
+
+def _loggers(config: Namespace) -> list[Any]:
+    logger = config.trainer.logger
+    return logger if isinstance(logger, list) else [logger]
 
 
 def _import(path: str) -> Any:

@@ -125,3 +125,30 @@ def test_class_names_name_integer_labels_and_order_string_labels(tmp_path, good_
     assert ManifestDataset(str(ints), label_column="label", class_names=["a", "b", "c"]).class_names == ["a", "b", "c"]
     with pytest.raises(ValueError, match="line 3: label 2 has no name: class_names lists 2"):
         ManifestDataset(str(ints), label_column="label", class_names=["a", "b"])
+
+
+def test_captions_that_are_pandas_missing_values_as_text_warn_once_and_are_skipped(tmp_path):
+    import warnings
+
+    write_images(tmp_path / "img", ["a.jpg", "b.jpg"])
+    rows = [{"image": "img/a.jpg", "caption": "a red thing"}, {"image": "img/b.jpg", "caption": "nan"},
+            {"image": "img/a.jpg", "caption": "None"}, {"image": "img/b.jpg", "caption": " NaN "},
+            {"image": "img/b.jpg", "caption": "nanny goat"}]
+    path = tmp_path / "train.csv"
+    write_csv(path, rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ManifestDataset(str(path))
+    messages = [str(w.message) for w in caught if "missing values written out as text" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "3 of 5 captions" in messages[0] and str(path) in messages[0] and "lines 3, 4, 5" in messages[0]
+    assert [isinstance(ds[i], BadSample) for i in range(5)] == [False, True, True, True, False]
+    assert "'nan'" in ds[1].reason and ds[4]["caption"] == "nanny goat"
+
+
+def test_clean_manifest_gives_no_missing_caption_warning(good_csv):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ManifestDataset(str(good_csv))

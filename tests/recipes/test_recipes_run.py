@@ -30,7 +30,7 @@ RUN_ELSEWHERE = {
     "clip_deepspeed_zero2.yaml": "tests/techniques/test_deepspeed.py",
     "clip_deepspeed_zero3.yaml": "tests/techniques/test_deepspeed.py",
 }
-RUN_HERE = {"siglip.yaml", "lit_minilm.yaml", "csv_finetune.yaml", "webdataset_vitb32_ddp.yaml"}
+RUN_HERE = {"siglip.yaml", "lit_minilm.yaml", "csv_finetune.yaml", "webdataset_vitb32_ddp.yaml", "own_data.yaml"}
 
 # Short and small (the test budget): a few steps, small evaluation splits, small batches.
 SHORT = ["--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"]
@@ -105,6 +105,29 @@ def test_csv_finetune_with_openai_weights_as_its_header_shows(tmp_path):
     assert any(run.rglob("last.ckpt")) and (run / "export" / "open_clip_model.safetensors").is_file()
     config = json.loads((run / "export" / "open_clip_config.json").read_text())
     assert config["model_cfg"]["quick_gelu"] is True
+
+
+def test_own_data_recipe_with_its_placeholders_filled(tmp_path):
+    """As a user edits it: the CHANGE_ME manifest paths replaced by a folder of one's own, the run
+    folder moved with its one knob. Only the length, batch size and workers are shortened."""
+    shipped = (RECIPES / "own_data.yaml").read_text()
+    assert shipped.count("path: CHANGE_ME/") == 2 and "SyntheticShapes" not in shipped
+    images = _write_images(tmp_path / "my_data" / "img", 8)
+    for split in ("train", "val"):
+        _write_csv(tmp_path / "my_data" / f"{split}.csv",
+                   [{"image": f"img/{name}", "caption": f"a photo of colour block {i}"} for i, name in enumerate(images)])
+    recipe = tmp_path / "own_data.yaml"
+    recipe.write_text(shipped.replace("CHANGE_ME/", "my_data/"))
+    out = run_to_exit([MMKIT, "fit", "--config", str(recipe), *SHORT, "--trainer.default_root_dir", "runs/mine",
+                       "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"],
+                      cwd=tmp_path, timeout=400)
+    assert "validation never runs" not in out
+    run = tmp_path / "runs" / "mine"
+    assert not (tmp_path / "runs" / "own_data").exists()  # the knob moved everything
+    assert "val/i2t_R@1" in (run / "metrics.csv").read_text()  # validated at the end of epoch 1 (2 steps)
+    assert (run / "report" / "metrics.json").is_file() and (run / "config.yaml").is_file()
+    assert any((run / "checkpoints").glob("*.ckpt"))
+    assert (run / "export" / "open_clip_model.safetensors").is_file()
 
 
 def _write_shard(path: Path, start: int, n: int) -> None:

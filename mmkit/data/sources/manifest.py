@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -14,6 +15,8 @@ from mmkit.data.sources._columns import require_columns
 
 _DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 _JSONL = {".jsonl", ".ndjson"}
+# A missing caption written out as text (pandas' ``astype(str)``/``to_csv`` of NaN, None, pd.NA).
+_MISSING_AS_TEXT = {"nan", "none", "<na>"}
 
 
 class ManifestDataset(Dataset):
@@ -73,6 +76,14 @@ class ManifestDataset(Dataset):
                 self._captions.append(caption)
                 self._lines.append(line)
                 raw_labels.append(rec.get(label_column) if label_column else None)
+        missing_as_text = [i for i, c in enumerate(self._captions)
+                           if isinstance(c, str) and c.strip().lower() in _MISSING_AS_TEXT]
+        if missing_as_text:
+            lines = ", ".join(str(self._lines[i]) for i in missing_as_text[:5]) + (", ..." if len(missing_as_text) > 5 else "")
+            warnings.warn(
+                f"ManifestDataset: {self.path}: {len(missing_as_text)} of {len(self._captions)} captions are the text "
+                f"'nan'/'None' (lines {lines}): missing values written out as text, e.g. by pandas; they are "
+                "skipped as bad samples, not trained on", UserWarning, stacklevel=2)
         self._labels, self.class_names = _encode_labels(raw_labels, class_names, f"{self.path} column {label_column!r}", self._lines)
         self._image_ids = _ids_by_path([self._resolve(p) for p in self._images])
 
@@ -84,6 +95,8 @@ class ManifestDataset(Dataset):
         caption = clean_caption(self._captions[index])
         if caption is None:
             return BadSample(f"{where}: empty or missing caption")
+        if caption.lower() in _MISSING_AS_TEXT:
+            return BadSample(f"{where}: caption is {caption!r}, a missing value written as text")
         if too_long := caption_too_long(caption):
             return BadSample(f"{where}: {too_long}")
         rel = self._images[index]
