@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -27,10 +28,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
+from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
+from mmkit.callbacks.progress_bar import step_progress_bar  # noqa: E402
+from mmkit.callbacks.progress_log import ProgressLog  # noqa: E402
 from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
 from mmkit.callbacks.throughput import Throughput  # noqa: E402
 from mmkit import run_lock  # noqa: E402
@@ -91,6 +95,8 @@ class MMKitCLI(LightningCLI):
         parser.add_lightning_class_args(Throughput, "throughput")
         parser.add_lightning_class_args(BadSampleCallback, "bad_samples")
         parser.add_lightning_class_args(ResumeState, "resume_state")  # RNG states in checkpoints: exact resume
+        # Plain step/validation lines when there is no progress bar (stdout not a terminal).
+        parser.add_lightning_class_args(ProgressLog, "progress_log")
         parser.add_argument("--test_after_fit", type=bool, default=True, help="run `test` after `fit` when the data has a test split")
         parser.add_argument(
             "--eval_dir", type=Optional[str], default=None,
@@ -168,6 +174,20 @@ class MMKitCLI(LightningCLI):
             claim_eval_dir(self.eval_dir, fresh=not self._get(self.config, "eval_dir"))
             print(f"mmkit: {self.subcommand} writes to {self.eval_dir}", flush=True)
             os.environ[EVAL_DIR_ENV] = self.eval_dir  # for the ranks Lightning launches next
+
+    def instantiate_trainer(self, **kwargs):
+        # A progress bar only where someone watches: piped to a file (SLURM, nohup, CI) it would
+        # write a carriage-return redraw per update; ProgressLog prints plain lines there instead.
+        # `--trainer.enable_progress_bar true|false` decides explicitly.
+        config = self._get(self.config_init, "trainer", default={})
+        bar = config.get("enable_progress_bar")
+        if bar is None:
+            bar = kwargs.setdefault("enable_progress_bar", sys.stdout.isatty())
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, step_progress_bar()]  # global step of max_steps, readable lr
+        return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # A fit locks its run folder (global rank 0) from before `--ckpt_path last` is resolved to
@@ -293,8 +313,23 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+def quiet_lightning_tips() -> None:
+    """Drop Lightning's "💡 Tip: ... litlogger / litmodels" adverts (``rank_zero_info`` at every
+    Trainer construction); both rank-zero loggers, whichever Lightning package set it last."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+
+
 def run_cli(argv: list[str] | None = None) -> MMKitCLI:
     """Run ``mmkit fit|validate|test|predict ...`` and return the CLI (its model, trainer, ...)."""
+    quiet_lightning_tips()
     return MMKitCLI(
         DualEncoderModule,
         ImageTextDataModule,

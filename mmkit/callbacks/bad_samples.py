@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from mmkit import distributed
 from mmkit.config_checks import Range, check_settings
 from mmkit.data.bad_samples import BadSampleTracker
+from mmkit.training.gathered_log import log_gathered
 
 
 class BadSampleCallback(Callback):
@@ -123,8 +124,8 @@ class BadSampleCallback(Callback):
             reasons = [r for rank_reasons in distributed.all_gather_object(local.reasons) for r in rank_reasons]
         total.add(seen=int(counts[0]), skipped=int(counts[1]), reasons=reasons)
         if total.skipped:
-            pl_module.log_dict({f"{split}/data_skipped": float(total.skipped), f"{split}/data_skipped_fraction": total.fraction},
-                               on_step=False, on_epoch=True, sync_dist=False)
+            log_gathered(pl_module, {f"{split}/data_skipped": float(total.skipped),  # summed over ranks above
+                                     f"{split}/data_skipped_fraction": total.fraction}, on_step=False, on_epoch=True)
             rank_zero_info(f"{split}: {total.skipped} of {total.seen} samples skipped ({total.fraction:.2%}). "
                            "First reasons:\n  " + "\n  ".join(total.reasons))
         total.check(self._limit(trainer), self.min_samples, what=f"{split} samples", whole_split=True)

@@ -6,9 +6,11 @@ keys and an exported run loads back with ``open_clip.create_model('local-dir:...
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -186,16 +188,35 @@ def build_open_clip(
             "mmkit does not download from a hub)"
         )
     name = _register(model_cfg)
-    clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
-        name,
-        pretrained=weights,
-        output_dict=True,
-        force_image_size=force_image_size,  # already in the config; open_clip also resizes timm trunks for it
-    )
+    # Without weights, open_clip warns that the model is "initialized randomly": mmkit's own init
+    # or a checkpoint loaded after the build gives the weights, so the warning is only noise.
+    with _without_random_init_warning():
+        clip, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            name,
+            pretrained=weights,
+            output_dict=True,
+            force_image_size=force_image_size,  # already in the config; open_clip also resizes timm trunks for it
+        )
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     model = OpenCLIPDualEncoder(clip, model_cfg, preprocess_cfg, similarity)
     tokenizer = open_clip.get_tokenizer(name)
     return model, (train_tf, eval_tf), tokenizer
+
+
+class _RandomInitWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    root = logging.getLogger()  # open_clip logs through the root logger (``logging.warning``)
+    drop = _RandomInitWarningFilter()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _register(model_cfg: dict) -> str:

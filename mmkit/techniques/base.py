@@ -24,6 +24,7 @@ from mmkit.metrics.retrieval import RetrievalMetrics
 from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
+from mmkit.training.gathered_log import log_gathered
 from mmkit.training.grad_cache import chunked_backward
 from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
 from mmkit.parallel.ops import check_strategy, parallel_ops
@@ -417,9 +418,8 @@ class DualEncoderModule(L.LightningModule):
         self.update_eval_metrics(features, batch, split)
 
     def _log_eval_metrics(self, split: str) -> None:
-        for name, value in self.eval_metrics(split).items():
-            # Already identical on every rank (computed over the gathered split).
-            self.log(f"{split}/{name}", value.float(), rank_zero_only=False, sync_dist=False)
+        # Already identical on every rank (computed over the gathered split).
+        log_gathered(self, {f"{split}/{name}": value.float() for name, value in self.eval_metrics(split).items()})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")

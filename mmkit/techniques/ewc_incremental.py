@@ -69,6 +69,7 @@ from mmkit.metrics.zeroshot import zero_shot_class_names
 from mmkit.models.spec import ModelSpec
 from mmkit.parallel.ops import parallel_ops
 from mmkit.techniques.base import DualEncoderModule
+from mmkit.training.gathered_log import log_gathered
 from mmkit.training.optim import param_groups, warmup_cosine_factor
 from mmkit.run_folder import run_folder
 
@@ -285,13 +286,15 @@ class EWCIncremental(DualEncoderModule):
     # -- reporting -----------------------------------------------------------------------------
     def _log_matrix(self, task: int) -> None:
         matrix = self._ensure_matrix()
+        values: dict[str, float] = {}
         for score, rows in matrix.rows.items():
             for d, value in enumerate(rows[task]):
-                self.log(f"continual/{score}_task{d}", value, sync_dist=False)
+                values[f"continual/{score}_task{d}"] = value
             for key, value in matrix.summary(score).items():
                 if math.isfinite(value):
-                    self.log(f"continual/{score}_{key}", value, sync_dist=False)
-        self.log("continual/tasks_done", float(task + 1), sync_dist=False)
+                    values[f"continual/{score}_{key}"] = value
+        values["continual/tasks_done"] = float(task + 1)
+        log_gathered(self, values)  # the matrix is scored over every rank's data
 
     def _write_report(self) -> None:
         if self.report_dir == "":
