@@ -379,7 +379,9 @@ def command(words: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         hint = "" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"
-        print(f"mmkit: error: {error_message(e)}{hint}", file=sys.stderr, flush=True)
+        message = error_message(e)
+        message = message[len("mmkit: "):] if message.startswith("mmkit: ") else message  # some already say who speaks
+        print(f"mmkit: error: {message}{hint}", file=sys.stderr, flush=True)
         return error_status(e)
     return 0
 
@@ -388,6 +390,8 @@ def _chain(error: BaseException) -> list[BaseException]:
     """``error`` and the exceptions it was raised from, outermost first."""
     chain = [error]
     while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        if type(chain[-1]).__module__.startswith("mmkit."):
+            break  # mmkit's own errors already say what went wrong (RunFolderLocked, not the flock it caught)
         chain.append(cause)
     return chain
 

@@ -147,3 +147,18 @@ def test_error_during_the_run_prints_one_line_and_status_1(tmp_path, capsys, mon
     assert status == 1
     err = capsys.readouterr().err
     assert "mmkit: error: train/loss is nan at step 0" in err and "Traceback" not in err, err
+
+
+def test_mmkit_s_own_error_is_the_message_not_the_error_it_caught():
+    """RunFolderLocked is raised while handling the lock's BlockingIOError: the person reads
+    mmkit's sentence, not "[Errno 11] Resource temporarily unavailable"."""
+    from mmkit.cli import error_message
+    from mmkit.run_lock import RunFolderLocked
+
+    try:
+        try:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        except BlockingIOError:
+            raise RunFolderLocked("mmkit: runs/x is in use by another run (pid 1 on host)")
+    except RunFolderLocked as e:
+        assert error_message(e) == "mmkit: runs/x is in use by another run (pid 1 on host)"
