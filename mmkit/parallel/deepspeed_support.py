@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import sys
 from pathlib import Path
 
@@ -75,17 +74,6 @@ def import_quietly_if_named(argv: list[str]) -> None:
     if any("deepspeed" in t.lower() for t in texts):
         with contextlib.redirect_stdout(sys.stderr):
             import deepspeed  # noqa: F401
-
-
-def deepspeed_strategy(module) -> object | None:
-    """The trainer's ``DeepSpeedStrategy`` if the module runs under one, else None."""
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None:
-        return None
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    strategy = trainer.strategy
-    return strategy if isinstance(strategy, DeepSpeedStrategy) else None
 
 
 def patch_scalar_params() -> None:
@@ -171,16 +159,6 @@ def no_sync(engine) -> contextlib.AbstractContextManager:
     if is_deepspeed_engine(engine) and engine.zero_optimization_stage() > 0:
         return contextlib.nullcontext()
     return engine.no_sync() if hasattr(engine, "no_sync") else contextlib.nullcontext()
-
-
-def clamp_logit_scale(model, max_scale: float) -> None:
-    """The model's temperature clamp (``DualEncoder.clamp_logit_scale``), applied to DeepSpeed's
-    master copy as well when DeepSpeed holds the parameter."""
-    p = model.log_scale_parameter()
-    if is_deepspeed_param(p):
-        clamp_(p, 0.0, math.log(max_scale))
-    else:
-        model.clamp_logit_scale(max_scale)
 
 
 def holds(model: nn.Module) -> bool:
