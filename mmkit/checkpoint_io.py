@@ -28,6 +28,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from mmkit import checksum
 from mmkit.checksum import TEMP_SUFFIX
 from mmkit.checksum import fsync_dir as _fsync_dir
+from mmkit.file_modes import give_usual_mode
 from mmkit.safe_unpickle import CheckpointLoadError, load_error, torch_load  # noqa: F401  (CheckpointLoadError: re-exported)
 from mmkit.parallel.sharded_checkpoint import is_deepspeed_checkpoint, is_distributed_checkpoint, verify_sharded_checkpoint
 
@@ -43,6 +44,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        give_usual_mode(fd)  # mkstemp's 0600 would hide checkpoints from other readers of the volume
         with os.fdopen(fd, "wb") as f:
             writer = checksum.HashingWriter(f)
             torch.save(obj, writer)

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from mmkit.file_modes import give_usual_mode
+
 ALGORITHM = "sha256"
 SUFFIX = ".digest"  # no digits in it: see above
 BLOCK = 1 << 20
@@ -56,8 +58,9 @@ class HashingWriter:
         return self.hash.hexdigest()
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.new(ALGORITHM)
+def file_digest(path: str | os.PathLike, algorithm: str = ALGORITHM) -> str:
+    """The hex digest of a file's bytes, read in blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(BLOCK):
             h.update(block)
@@ -79,6 +82,7 @@ def write_sidecar(path: str | os.PathLike, digests: list[str]) -> None:
     side = sidecar_path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        give_usual_mode(fd)
         with os.fdopen(fd, "w") as f:
             f.writelines(f"{d}  {path.name}\n" for d in digests)
             f.flush()

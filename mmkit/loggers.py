@@ -20,6 +20,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from mmkit.file_modes import give_usual_mode
+
 
 class CSVLogger(LightningCSVLogger):
     """Lightning's ``CSVLogger`` (same arguments) that, when ``resuming`` is set before the fit
@@ -82,6 +84,7 @@ class _ContinuingWriter(ExperimentWriter):
             return
         fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=os.path.dirname(path))
         try:
+            give_usual_mode(fd)
             with os.fdopen(fd, "w", newline="") as f:
                 _write_rows(f, fieldnames, rows)
             os.replace(tmp, path)
