@@ -146,9 +146,12 @@ def refused_global(error: BaseException) -> str | None:
 def error_reason(message: str) -> str:
     """What went wrong, from a ``torch.load`` error, without torch's advice to retry with
     ``weights_only=False`` (wrong for a damaged file, dangerous for a crafted one)."""
-    from torch.serialization import UNSAFE_MESSAGE
+    import torch.serialization
 
-    message = message.split("WeightsUnpickler error:", 1)[-1].replace(UNSAFE_MESSAGE, "")
+    unsafe_advice = getattr(torch.serialization, "UNSAFE_MESSAGE", "")  # a module constant in newer torch only
+    message = message.split("WeightsUnpickler error:", 1)[-1]
+    if unsafe_advice:
+        message = message.replace(unsafe_advice, "")
     skip = ("Weights only load failed", "Check the documentation", "Please file an issue", "Please use")
     lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(skip)]
     return lines[0] if lines else "no message"

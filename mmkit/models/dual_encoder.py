@@ -84,6 +84,28 @@ class DualEncoder(nn.Module):
             out["pair_logits"] = self.similarity_head
         return out
 
+    def compile_towers(self, **options) -> None:
+        """Compile both encoders with ``torch.compile(**options)``, in place and idempotent.
+
+        The encode methods are compiled, not the modules wrapped: the module tree, and so the
+        state-dict keys of checkpoints and exports, stay those of the eager model (no
+        ``_orig_mod.``). Compilation happens at the first call, after any sharding of the towers.
+        """
+        if getattr(self, "_compiled_towers", None) is not None:
+            return
+        self._compiled_towers = options
+        # Instance attributes shadow the class's methods; the subclasses' encoders stay untouched.
+        self._encode_image = torch.compile(self._encode_image, **options)
+        self._encode_text = torch.compile(self._encode_text, **options)
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) must not keep the compiled encoders: they are bound to this
+        # model's weights. The copy runs eagerly; compile it again if wanted.
+        state = dict(self.__dict__)
+        for key in ("_encode_image", "_encode_text", "_compiled_towers"):
+            state.pop(key, None)
+        return state
+
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
         self.log_scale_parameter().clamp_(0, math.log(max_scale))

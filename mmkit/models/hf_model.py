@@ -4,7 +4,7 @@ projection heads into a shared embedding space.
 An export is a folder with ``vision/`` (the tower, plus an image processor reproducing mmkit's
 evaluation transform), ``text/`` (the tower and its tokenizer), ``heads.safetensors`` (projections,
 temperature, bias) and ``mmkit_dual_encoder.json`` (width, text pooling, context length).
-``load_hf_export`` reads it back; the README shows the same with plain transformers.
+``load_hf_export`` reads it back; docs/models.md shows the same with plain transformers.
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def load_hf_export(path: str | Path) -> tuple[HFDualEncoder, HFPreprocessing]:
 
 
 def _hidden_size(config) -> int:
-    for attr in ("projection_dim", "hidden_size", "dim", "d_model"):
+    # The width of pooler_output / last_hidden_state: hidden_size before projection_dim, which
+    # CLIP's tower configs also carry (512) though their towers output hidden_size (768).
+    for attr in ("hidden_size", "dim", "d_model", "projection_dim"):
         if getattr(config, attr, None):
             return int(getattr(config, attr))
     if getattr(config, "hidden_sizes", None):  # ResNet/ConvNeXt-style backbones

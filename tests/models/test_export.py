@@ -18,7 +18,7 @@ from transformers import ViTConfig, ViTImageProcessor, ViTModel
 from mmkit.models import HFTowers, OpenCLIP, load_hf_export
 from mmkit.models.open_clip_model import build_open_clip, resolve_hf_path
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "models.md"  # the export snippets (docs/models.md#exports)
 CAPTIONS = ["a small red circle", "two large blue squares left of a zebra", "star"]
 ATOL = 1e-5
 
@@ -30,14 +30,14 @@ def _images() -> list[Image.Image]:
 
 
 def _readme_snippet(name: str) -> str:
-    """The Python block after ``<!-- readme-snippet: NAME -->`` in the README."""
+    """The Python block after ``<!-- readme-snippet: NAME -->`` in docs/models.md."""
     after = README.read_text().split(f"<!-- readme-snippet: {name} -->", 1)[1]
     return textwrap.dedent(after.split("```python\n", 1)[1].split("```", 1)[0])
 
 
 def _run_snippet(name: str, **variables) -> dict:
     namespace = dict(variables)
-    exec(compile(_readme_snippet(name), f"README:{name}", "exec"), namespace)
+    exec(compile(_readme_snippet(name), f"docs/models.md:{name}", "exec"), namespace)
     return namespace
 
 
