@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -17,11 +16,12 @@ from mmkit.training.gathered_log import log_gathered
 
 
 class BadSampleCallback(Callback):
-    """Adds up ``num_skipped`` over training batches on all ranks and raises ``BadDataError`` when
+    """Counts the distinct rows met and skipped in training batches on all ranks (a row met again,
+    in a later epoch, as padding or after a resume, counts once) and raises ``BadDataError`` when
     the skipped fraction exceeds the limit.
 
-    Counts are summed over ranks every ``check_every_n_steps`` batches and at epoch end, so every
-    rank reaches the same verdict at the same step (one rank raising alone would hang DDP).
+    The rows each rank met are gathered every ``check_every_n_steps`` batches and at epoch end, so
+    every rank reaches the same verdict at the same step (one rank raising alone would hang DDP).
     Validation and test splits are counted the same way, per pass over the split, logged as
     ``val/data_skipped`` (``test/...``) and held to the same limit; a split whose every sample is
     bad fails before its metrics are computed from nothing.
@@ -29,7 +29,8 @@ class BadSampleCallback(Callback):
     Args:
         max_bad_fraction: Largest tolerated skipped fraction; default: the datamodule's
             ``max_bad_fraction`` (0.05 if it has none).
-        min_samples: Do not judge before this many samples were seen (over all ranks).
+        min_samples: Do not judge before this many distinct rows were met (over all ranks); at
+            the end of an epoch the rows met are judged however few.
         check_every_n_steps: Batches between count syncs, checks and logs.
         num_reasons: Skip reasons kept and printed.
     """
@@ -68,7 +69,8 @@ class BadSampleCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if isinstance(batch, dict) and "num_skipped" in batch:
-            self._local.update(batch)
+            # A task stream's separate train sources each number their rows from 0.
+            self._local.update(batch, int(getattr(trainer.datamodule, "train_row_offset", 0) or 0))
         if (batch_idx + 1) % self.check_every_n_steps == 0:
             self._sync(pl_module)
             pl_module.log_dict(
@@ -84,12 +86,14 @@ class BadSampleCallback(Callback):
             on_step=False, on_epoch=True,
         )
         new = self.tracker.reasons[self._printed:]
-        if self.tracker.skipped > self._reported_skipped:  # every epoch that skipped anything
-            message = f"{self.tracker.skipped} of {self.tracker.seen} samples skipped so far ({self.tracker.fraction:.2%})."
+        if self.tracker.skipped > self._reported_skipped:  # every epoch that found bad rows not met before
+            message = self.tracker.summary(when="so far") + "."
             rank_zero_info(message + (" First reasons:\n  " + "\n  ".join(new) if new else ""))
             self._printed = len(self.tracker.reasons)
             self._reported_skipped = self.tracker.skipped
-        self._check(trainer)
+        # A whole epoch is no noisy first batch: judge it however few rows the data has (counting
+        # distinct rows, a small file never reaches min_samples, however many epochs it runs).
+        self._check(trainer, min_samples=0)
 
     # -- validation and test: the same rules, per pass over the split -------------------------
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -117,30 +121,27 @@ class BadSampleCallback(Callback):
         local = self._eval.pop(split, None)
         if local is None or trainer.sanity_checking:
             return
-        counts = distributed.all_reduce_sum(torch.tensor([local.seen, local.skipped], dtype=torch.long, device=pl_module.device))
         total = BadSampleTracker(max_reasons=self.tracker.max_reasons)
-        reasons: list[str] = []
-        if int(counts[1]):  # the same on every rank: all gather, or none does
-            reasons = [r for rank_reasons in distributed.all_gather_object(local.reasons) for r in rank_reasons]
-        total.add(seen=int(counts[0]), skipped=int(counts[1]), reasons=reasons)
+        for part in distributed.all_gather_object(local.export()):
+            total.add(**part)
         if total.skipped:
-            log_gathered(pl_module, {f"{split}/data_skipped": float(total.skipped),  # summed over ranks above
+            log_gathered(pl_module, {f"{split}/data_skipped": float(total.skipped),  # gathered over ranks above
                                      f"{split}/data_skipped_fraction": total.fraction}, on_step=False, on_epoch=True)
-            rank_zero_info(f"{split}: {total.skipped} of {total.seen} samples skipped ({total.fraction:.2%}). "
-                           "First reasons:\n  " + "\n  ".join(total.reasons))
-        total.check(self._limit(trainer), self.min_samples, what=f"{split} samples", whole_split=True)
+            rank_zero_info(f"{split}: {total.summary()}. First reasons:\n  " + "\n  ".join(total.reasons))
+        total.check(self._limit(trainer), self.min_samples, what=f"{split} rows", whole_split=True)
 
     def _sync(self, pl_module: L.LightningModule) -> None:
-        counts = torch.tensor([self._local.seen, self._local.skipped], dtype=torch.long, device=pl_module.device)
-        counts = distributed.all_reduce_sum(counts).tolist()
-        reasons = self._local.reasons
-        if self.tracker.max_reasons > len(self.tracker.reasons):  # gather only while reasons are still wanted
-            reasons = [r for rank_reasons in distributed.all_gather_object(reasons) for r in rank_reasons]
-        self.tracker.add(seen=counts[0], skipped=counts[1], reasons=reasons)
+        # Every rank adds every rank's rows since the last sync: the same totals everywhere. Rows
+        # go as index arrays (8 bytes a row, check_every_n_steps batches' worth).
+        mine = self._local.export()
+        if self.tracker.max_reasons <= len(self.tracker.reasons):  # reasons only while still wanted
+            mine["reasons"] = []
+        for part in distributed.all_gather_object(mine):
+            self.tracker.add(**part)
         self._local.reset()
 
-    def _check(self, trainer: L.Trainer) -> None:
-        self.tracker.check(self._limit(trainer), self.min_samples)
+    def _check(self, trainer: L.Trainer, min_samples: int | None = None) -> None:
+        self.tracker.check(self._limit(trainer), self.min_samples if min_samples is None else min_samples)
 
     def _limit(self, trainer: L.Trainer) -> float:
         if self.max_bad_fraction is not None:

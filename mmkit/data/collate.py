@@ -20,7 +20,9 @@ class ImageTextCollate:
     """Collate function producing the batch dict every mmkit module consumes.
 
     Keys: ``images`` [B,3,H,W], ``texts`` ([B,L] or dict of [B,L]), ``index``, ``image_id``,
-    ``label`` (LongTensor [B]), ``num_skipped`` (int) and ``skipped`` (first reasons). A batch whose
+    ``label`` (LongTensor [B]), ``captions`` (the B caption strings, for reports), ``num_skipped``
+    (int), ``skipped`` (first reasons) and ``skipped_index`` (the index of every skipped sample, None
+    where its source gave none). A batch whose
     samples were all bad has B = 0 but still carries its counts. Each extra view ``name`` adds
     ``<name>_images`` and ``<name>_texts`` (e.g. a distillation teacher's own inputs).
 
@@ -48,17 +50,20 @@ class ImageTextCollate:
 
     def __call__(self, samples: list[dict[str, Any] | BadSample]) -> dict[str, Any]:
         reasons: list[str] = []
+        skipped_index: list[int | None] = []  # the rows skipped, so trackers count a row met twice once
         images, captions, keep = [], [], []
         view_images: dict[str, list[torch.Tensor]] = {name: [] for name in self.extra_views}
         for s in samples:
             if isinstance(s, BadSample):
                 reasons.append(s.reason)
+                skipped_index.append(s.index)
                 continue
             try:
                 image = self.image_transform(s["image"])
                 extra = self._view_images(s["image"])
             except Exception as e:  # one unusual image must not kill the worker
                 reasons.append(f"sample {s['index']}: image transform failed ({type(e).__name__}: {e})")
+                skipped_index.append(s["index"])
                 continue
             images.append(image)
             for name, view_image in extra.items():
@@ -78,8 +83,10 @@ class ImageTextCollate:
             "index": torch.tensor([s["index"] for s in keep], dtype=torch.long),
             "image_id": torch.tensor([s["image_id"] for s in keep], dtype=torch.long),
             "label": torch.tensor([s["label"] for s in keep], dtype=torch.long),
+            "captions": captions,
             "num_skipped": len(reasons),
             "skipped": reasons[: self.max_reasons],
+            "skipped_index": skipped_index,
         }
         for name, (transform, tokenize) in self.extra_views.items():
             batch[f"{name}_images"] = images_t if transform == self.image_transform else self._stack(name, view_images[name])

@@ -27,9 +27,12 @@ MAX_ASPECT_RATIO = 20.0
 
 @dataclass(frozen=True)
 class BadSample:
-    """A sample that could not be built. ``reason`` names the file, the row/key and the problem."""
+    """A sample that could not be built. ``reason`` names the file, the row/key and the problem;
+    ``index`` is the ``index`` the sample would have had (None where unknown), so that a bad row met
+    again (another epoch, padding, a resume) is counted once."""
 
     reason: str
+    index: int | None = None
 
 
 def make_sample(image: Image.Image, caption: str, index: int, image_id: int, label: int = -1) -> dict[str, Any]:

@@ -12,6 +12,7 @@ bad-sample handling and preprocessing linked in by the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +40,7 @@ class _Offset(Dataset):
     def __getitem__(self, i: int):
         s = self.dataset[i]
         if isinstance(s, BadSample):
-            return s
+            return s if s.index is None else dataclasses.replace(s, index=s.index + self.offset)
         return {**s, "index": s["index"] + self.offset, "image_id": s["image_id"] + self.offset}
 
 
@@ -130,6 +131,20 @@ class TaskStreamDataModule(ImageTextDataModule):
     def task_names(self) -> list[str]:
         self._tasks()
         return self._task_names
+
+    @property
+    def train_row_offset(self) -> int:
+        """What to add to the row indices of the task being trained so that rows of different
+        ``train_tasks`` sources (each numbered from 0) stay distinct, e.g. in bad-row counts; 0 for
+        tasks split from one stream (their indices are already distinct) or sources without a length."""
+        train, _ = self._tasks()
+        if self.train_tasks is None or self.trainer is None:
+            return 0
+        task = self.task_of_epoch(self.trainer.current_epoch)
+        try:
+            return sum(_id_span(t) for t in train[:task])
+        except TypeError:  # a shard stream has no length
+            return 0
 
     def task_of_epoch(self, epoch: int) -> int:
         """The task trained during ``epoch`` (epochs past the stream keep training the last task)."""

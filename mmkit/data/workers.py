@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmkit.rng_state import rng_state_preserved
+
 
 class IndexBatch(list):
     """The indices of one batch (a list, as the sampler yields it) and the seed for loading it."""
@@ -47,16 +49,11 @@ def seeded_rngs(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    try:
+    with rng_state_preserved():
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
         yield
-    finally:
-        torch.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        random.setstate(saved[2])
 
 
 class SeededSamples(list):

@@ -46,11 +46,11 @@ def test_bad_eval_samples_are_counted_and_logged(tiny_arch, tmp_path, split):
 
 
 def test_too_many_bad_eval_samples_fail_with_the_reasons(tiny_arch, tmp_path):
-    with pytest.raises(BadDataError, match=r"(?s)50.0% of val samples were skipped.*missing_0.png"):
+    with pytest.raises(BadDataError, match=r"(?s)50.0% of val rows were skipped.*missing_0.png"):
         _evaluate(tiny_arch, _manifest(tmp_path, good=4, bad=4), "val", limit=0.05)
 
 
 def test_an_eval_split_with_no_usable_sample_fails_before_its_metrics(tiny_arch, tmp_path):
     # Above any limit: even a limit of 100 % cannot make metrics out of no rows.
-    with pytest.raises(BadDataError, match=r"100.0% of test samples were skipped"):
+    with pytest.raises(BadDataError, match=r"100.0% of test rows were skipped"):
         _evaluate(tiny_arch, _manifest(tmp_path, good=0, bad=4), "test", limit=1.0)

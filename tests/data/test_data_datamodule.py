@@ -87,6 +87,21 @@ def test_bad_sample_callback_stops_a_run_with_too_much_bad_data(tmp_path, capsys
     assert (callback.tracker.seen, callback.tracker.skipped) == (30, 10)
 
 
+def test_a_small_file_with_too_many_bad_rows_fails_at_its_first_epoch_end(tmp_path):
+    """Counting distinct rows, 20 rows never reach min_samples=100, however many epochs: the end of
+    an epoch judges what it met anyway."""
+    write_images(tmp_path, ["ok.jpg"])
+    rows = [{"image": "ok.jpg" if i % 2 else f"missing{i}.jpg", "caption": f"c{i}"} for i in range(20)]
+    write_csv(tmp_path / "m.csv", rows)
+    dm = ImageTextDataModule(train=ManifestDataset(str(tmp_path / "m.csv")), batch_size=5,
+                             max_bad_fraction=0.2, preprocessing=FakePreprocessing())
+    callback = BadSampleCallback()  # min_samples=100
+    model = RecordingModule()
+    with pytest.raises(BadDataError, match=r"50.0% of rows were skipped.*\(10 of 20 rows\)"):
+        _trainer(tmp_path, max_epochs=10, callbacks=[callback]).fit(model, datamodule=dm)
+    assert list(model.train_seen) == [0]  # stopped after the first epoch
+
+
 def test_missing_preprocessing_and_state_round_trip():
     dm = ImageTextDataModule(train=SyntheticShapes(size=30), batch_size=4)
     with pytest.raises(ValueError, match="set_preprocessing"):

@@ -98,6 +98,7 @@ def test_bad_rows_are_skipped_counted_and_explained(tmp_path):
     assert batch["images"].shape == (1, 3, 32, 32)
     assert batch["index"].tolist() == [0] and batch["num_skipped"] == 5
     assert batch["skipped"] == reasons  # the first five are kept
+    assert batch["skipped_index"] == [1, 2, 3, 4, 5]  # each bad row keeps its index
     tracker = BadSampleTracker()
     tracker.update(batch)
     assert (tracker.seen, tracker.skipped) == (6, 5)

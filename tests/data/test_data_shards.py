@@ -6,7 +6,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from datafakes import FakePreprocessing, make_shards, shard_samples, write_shard_tarfile, write_shard_webdataset
-from mmkit.data import BadSample, ImageTextCollate, WebDatasetShards, build_loader
+from mmkit.data import BadSample, BadSampleTracker, ImageTextCollate, WebDatasetShards, build_loader
 
 
 def _collate():
@@ -194,3 +194,21 @@ def test_shard_cut_at_a_block_boundary_is_counted(tmp_path, writer):
     assert len(bad) == 1 and "cut.tar: ends after sample '0000001' (#1) without tar's end-of-archive blocks" in bad[0]
     # An intact shard reports nothing.
     assert not [s for s in WebDatasetShards(str(whole), shuffle_shards=False) if isinstance(s, BadSample)]
+
+
+def test_bad_shard_rows_met_again_are_counted_once(tmp_path):
+    """Cycling over the shards to fill an epoch, and a second epoch, meet the same bad rows again:
+    each carries its index (a missing shard its first position), so the tracker counts it once."""
+    samples = shard_samples(0, 5)
+    samples[1]["jpg"] = b""  # one bad row
+    write_shard_tarfile(tmp_path / "shard-000.tar", samples)
+    ds = WebDatasetShards(str(tmp_path / "shard-{000..001}.tar"), samples_per_epoch=18, seed=0)  # shard-001 is missing
+    tracker = BadSampleTracker()
+    visits = 0
+    for epoch in (0, 1):
+        for batch in _read(ds, batch_size=4, epoch=epoch):
+            tracker.update(batch)
+            visits += len(batch["index"]) + batch["num_skipped"]
+    assert visits == 36
+    assert (tracker.seen, tracker.skipped) == (6, 2)  # 5 rows and the missing shard; the bad row and the missing shard
+    assert sorted(tracker.bad_rows.indices().tolist()) == [1, 1_000_000]

@@ -143,3 +143,16 @@ def test_bad_configurations_fail_at_construction():
         TaskStreamDataModule(train_tasks=[shapes], val_tasks=[shapes, shapes])
     with pytest.raises(ValueError, match="more than one task"):
         TaskStreamDataModule(train=shapes, task_groups=[["circle"], ["circle", "star"]]).num_tasks
+
+
+def test_bad_row_counts_keep_separate_task_sources_apart(tmp_path):
+    """Each `train_tasks` source numbers its rows from 0: the bad-row tracker counts 6 + 9 rows
+    met over both tasks (two epochs each), not the 9 of the larger source."""
+    from mmkit.callbacks.bad_samples import BadSampleCallback
+
+    tasks = [SyntheticShapes(6, seed=0, image_size=16), SyntheticShapes(9, seed=1, image_size=16)]
+    dm = TaskStreamDataModule(train_tasks=tasks, val_tasks=[SyntheticShapes(4, seed=2, image_size=16)] * 2,
+                              epochs_per_task=2, batch_size=3, preprocessing=FakePreprocessing())
+    callback = BadSampleCallback()
+    _trainer(tmp_path, max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[callback]).fit(_Recorder(), datamodule=dm)
+    assert callback.tracker.seen == 15 and callback.tracker.skipped == 0

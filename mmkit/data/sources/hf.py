@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -79,6 +80,7 @@ class HFImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
         row, j = self._rows[index] if self._rows is not None else (index, None)
+        bad = functools.partial(BadSample, index=index)  # a bad row keeps its index: counted once however often met
         where = f"{self.where} row {row}"
         record = self.dataset[row]
         caption = record[self.caption_column]
@@ -86,12 +88,12 @@ class HFImageTextDataset(Dataset):
             caption = caption[j] if caption and j < len(caption) else None
         caption = clean_caption(caption)
         if caption is None:
-            return BadSample(f"{where}: empty or missing caption")
+            return bad(f"{where}: empty or missing caption")
         if too_long := caption_too_long(caption):
-            return BadSample(f"{where}: {too_long}")
+            return bad(f"{where}: {too_long}")
         image = self._decode(record[self.image_column])
         if isinstance(image, str):
-            return BadSample(f"{where}: {image}")
+            return bad(f"{where}: {image}")
         label = record[self.label_column] if self.label_column else None
         return make_sample(image, caption, index, row, -1 if label is None else int(label))
 

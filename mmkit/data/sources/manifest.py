@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import warnings
@@ -91,20 +92,21 @@ class ManifestDataset(Dataset):
         return len(self._images)
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
+        bad = functools.partial(BadSample, index=index)  # a bad row keeps its index: counted once however often met
         where = f"{self.path} row {index} (line {self._lines[index]})"
         caption = clean_caption(self._captions[index])
         if caption is None:
-            return BadSample(f"{where}: empty or missing caption")
+            return bad(f"{where}: empty or missing caption")
         if caption.lower() in _MISSING_AS_TEXT:
-            return BadSample(f"{where}: caption is {caption!r}, a missing value written as text")
+            return bad(f"{where}: caption is {caption!r}, a missing value written as text")
         if too_long := caption_too_long(caption):
-            return BadSample(f"{where}: {too_long}")
+            return bad(f"{where}: {too_long}")
         rel = self._images[index]
         if not isinstance(rel, str) or not rel.strip():
-            return BadSample(f"{where}: empty or missing image path")
+            return bad(f"{where}: empty or missing image path")
         image = decode_image(self._resolve(rel), rel)
         if isinstance(image, str):
-            return BadSample(f"{where}: {image}")
+            return bad(f"{where}: {image}")
         return make_sample(image, caption, index, self._image_ids[index], self._labels[index])
 
     def _resolve(self, rel: Any) -> str | None:

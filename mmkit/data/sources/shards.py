@@ -8,6 +8,7 @@ e.g. ``000017.jpg`` + ``000017.txt`` + ``000017.cls``.
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import json
@@ -27,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mmkit import distributed
 from mmkit.config_checks import Range, check_settings
 from mmkit.data.sample import BadSample, caption_too_long, clean_caption, decode_image, make_sample
+from mmkit.data.sources.shard_streams import StopReading, check_reader, is_remote, local_path, open_shard
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # same split rule as webdataset's base_plus_ext
 _MAX_EMPTY_DRAWS = 1000  # resampling shards that hold no samples would otherwise spin forever
@@ -53,7 +55,12 @@ class WebDatasetShards(IterableDataset):
     Args:
         urls: Shards, one entry per source. An entry may be a brace pattern
             ("data/train-{000..099}.tar"), a glob, or several of these joined by "::" (as in
-            webdataset); several entries make a mixture.
+            webdataset); several entries make a mixture. Besides local paths, shards may be
+            ``pipe:`` shell commands writing a tar to standard output
+            ("pipe:aws s3 cp s3://bucket/train-{000..099}.tar -") or fsspec URLs: ``s3://``
+            (needs s3fs), ``gs://`` (gcsfs), ``http(s)://``. These are brace-expanded, never
+            globbed; the first one must open when the dataset is built, later ones that fail are
+            skipped and counted like missing local shards.
         weights: Sampling weight per source (relative). Default: proportional to each source's
             number of shards.
         resampled: Draw shards with replacement, forever; requires ``samples_per_epoch``.
@@ -69,6 +76,9 @@ class WebDatasetShards(IterableDataset):
         class_names: Names of the integer labels in ``.cls`` members (or a ``.json`` member's
             ``label``), label i being ``class_names[i]``, as a list or a text file with one name
             per line (open_clip's classnames files). Zero-shot evaluation scores with them.
+        storage_options: Options for fsspec's filesystem of URL shards, e.g. ``{"anon": true}``
+            for a public S3 bucket or ``{"endpoint_url": ...}``; credentials come from the usual
+            places (environment, ~/.aws, gcloud) without them.
     """
 
     setting_ranges = {
@@ -92,12 +102,14 @@ class WebDatasetShards(IterableDataset):
         image_exts: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
         index_stride: int = 1_000_000,
         class_names: list[str] | str | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         check_settings(self, locals(), WebDatasetShards.setting_ranges)
         sources = [urls] if isinstance(urls, str) else list(urls)
         if not sources:
             raise ValueError("WebDatasetShards: no urls given")
-        self.shards_per_source = [_expand(s) for s in sources]
+        self.storage_options = dict(storage_options or {})
+        self.shards_per_source = [_expand(s, self.storage_options) for s in sources]
         # (global shard number, source number, path): the numbering defines `index`
         self.shards = [
             (i, k, path)
@@ -251,7 +263,8 @@ class WebDatasetShards(IterableDataset):
         with a BadSample instead of an exception: the bytes after a truncation are lost anyway."""
         key, parts, position = None, {}, 0
         try:
-            with tarfile.open(path, mode="r|*") as tar:  # streaming: no seeking, works on pipes too
+            with open_shard(path, self.storage_options) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                # streaming mode: no seeking, so pipes and URLs read the same way as files
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -265,42 +278,50 @@ class WebDatasetShards(IterableDataset):
                     # An oversized member is passed over unread (the stream skips it in blocks).
                     parts[m.group(2).lower()] = (tar.extractfile(member).read() if member.size <= MAX_MEMBER_BYTES
                                                  else _Unread(member.size))
-                end, uncompressed = tar.offset, getattr(tar.fileobj, "comptype", None) == "tar"
-            if key is not None:
-                yield self._raw(path, number, position, key, parts)
-            if uncompressed and not _has_end_of_archive(path, end):
-                yield BadSample(f"{path}: ends after sample {key!r} (#{position}) without tar's end-of-archive "
-                                "blocks: the shard is truncated and the samples after that point are lost")
+                last = key
+                if key is not None:
+                    yield self._raw(path, number, position, key, parts)
+                    key, position = None, position + 1
+                if getattr(tar.fileobj, "comptype", None) == "tar" and not stream.has_end_of_archive(tar.offset):
+                    after = f"after sample {last!r} (#{position - 1})" if last is not None else "before its first sample"
+                    yield BadSample(f"{path}: ends {after} without tar's end-of-archive blocks: the shard is "
+                                    "truncated and the samples after that point are lost", index=self._index(number, position))
         except (tarfile.TarError, OSError, EOFError) as e:
             what = f"sample {key!r} (#{position})" if key is not None else "shard"
-            yield BadSample(f"{path} {what}: cannot be read, rest of shard skipped ({type(e).__name__}: {e})")
+            yield BadSample(f"{path} {what}: cannot be read, rest of shard skipped ({type(e).__name__}: {e})",
+                            index=self._index(number, position))
 
     def _raw(self, path: str, number: int, position: int, key: str, parts: dict[str, bytes]) -> tuple:
         if position >= self.index_stride:
             raise ValueError(f"{path} holds more than index_stride={self.index_stride} samples; raise index_stride")
-        return f"{path} sample {key!r} (#{position})", number * self.index_stride + position, key, parts
+        return f"{path} sample {key!r} (#{position})", self._index(number, position), key, parts
+
+    def _index(self, number: int, position: int) -> int:
+        """The ``index`` of the sample at ``position`` in shard ``number`` (also that of a bad one)."""
+        return number * self.index_stride + position
 
     def _decode(self, where: str, index: int, key: str, parts: dict[str, bytes]) -> dict[str, Any] | BadSample:
+        bad = functools.partial(BadSample, index=index)
         unread = {ext: v.size for ext, v in parts.items() if isinstance(v, _Unread)}
         if unread:
             sizes = ", ".join(f"{key}.{ext} is {size:,} bytes" for ext, size in unread.items())
-            return BadSample(f"{where}: {sizes}, above the limit of {MAX_MEMBER_BYTES:,}; not read")
+            return bad(f"{where}: {sizes}, above the limit of {MAX_MEMBER_BYTES:,}; not read")
         ext = next((e for e in self.image_exts if e in parts), None)
         if ext is None:
-            return BadSample(f"{where}: no image member (has {', '.join(sorted(parts))})")
+            return bad(f"{where}: no image member (has {', '.join(sorted(parts))})")
         if self.caption_ext not in parts:
-            return BadSample(f"{where}: no .{self.caption_ext} caption member")
+            return bad(f"{where}: no .{self.caption_ext} caption member")
         try:
             caption = clean_caption(parts[self.caption_ext].decode("utf-8"))
         except UnicodeDecodeError:
-            return BadSample(f"{where}: caption is not valid UTF-8")
+            return bad(f"{where}: caption is not valid UTF-8")
         if caption is None:
-            return BadSample(f"{where}: empty caption")
+            return bad(f"{where}: empty caption")
         if too_long := caption_too_long(caption):
-            return BadSample(f"{where}: {too_long}")
+            return bad(f"{where}: {too_long}")
         image = decode_image(parts[ext], f"{key}.{ext}")
         if isinstance(image, str):
-            return BadSample(f"{where}: {image}")
+            return bad(f"{where}: {image}")
         return make_sample(image, caption, index, index, _label(parts))
 
 
@@ -320,26 +341,42 @@ class _Unread:
     size: int
 
 
-def _has_end_of_archive(path: str, offset: int) -> bool:
-    """Whether an uncompressed tar has its end-of-archive marker (a zero block) where reading
-    stopped. tarfile ends iteration silently when a file is cut at a 512-byte boundary, so without
-    this check a truncated shard would just look shorter. Only local files are checked."""
-    if not os.path.isfile(path):
-        return True
-    with open(path, "rb") as f:
-        f.seek(offset)
-        block = f.read(tarfile.BLOCKSIZE)
-    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
-
-
-def _expand(pattern: str) -> list[str]:
+def _expand(pattern: str, storage_options: dict[str, Any] | None) -> list[str]:
+    """The shard locations of one source: ``::``-separated parts, brace-expanded (as webdataset
+    does); local globs expanded too. Commands and URLs cannot be listed, so they are taken as given."""
     paths: list[str] = []
     for part in pattern.split("::"):
         for p in braceexpand(part):
-            paths.extend(sorted(glob.glob(p)) if glob.has_magic(p) else [p])
-    if not any(os.path.exists(p) for p in paths):
-        raise FileNotFoundError(f"WebDatasetShards: no shard found for {pattern!r}")
+            if is_remote(p):
+                paths.append(p)
+            else:
+                p = local_path(p)
+                paths.extend(sorted(glob.glob(p)) if glob.has_magic(p) else [p])
+    remote = [p for p in paths if is_remote(p)]
+    first_of_protocol: dict[str, str] = {}
+    for p in remote:
+        first_of_protocol.setdefault(p.split(":", 1)[0], p)
+    for p in first_of_protocol.values():
+        check_reader(p)
+    if not any(os.path.exists(p) for p in paths if not is_remote(p)):
+        if not remote:
+            raise FileNotFoundError(f"WebDatasetShards: no shard found for {pattern!r}")
+        _check_opens(pattern, remote[0], storage_options)
     return paths  # a missing shard among existing ones is reported per epoch as a bad sample
+
+
+def _check_opens(pattern: str, location: str, storage_options: dict[str, Any] | None) -> None:
+    """Open the first remote shard and read its first block, so that a wrong bucket, URL or
+    command fails here, once, instead of as every shard of every epoch skipped."""
+    try:
+        with open_shard(location, storage_options) as stream:
+            if len(stream.read(tarfile.BLOCKSIZE)) == tarfile.BLOCKSIZE:
+                raise StopReading  # it opens: leave early (a command is stopped, not waited for)
+    except StopReading:
+        return
+    except OSError as e:
+        raise FileNotFoundError(f"WebDatasetShards: no shard found for {pattern!r}: the first one, {location}, "
+                                f"cannot be read ({type(e).__name__}: {e})") from e
 
 
 def _label(parts: dict[str, bytes]) -> int:

@@ -89,6 +89,19 @@ class SyntheticShapes(Dataset):
         label = self.class_names.index(first["shape"] if self.label_attribute == "shape" else first["color"])
         return make_sample(image, caption, index, index, label)
 
+    def boxes(self, index: int) -> list[dict[str, Any]]:
+        """Where sample ``index``'s shapes are, for checks of where a model looks (the pointing
+        game of ``mmkit.explain``); a side channel that leaves the samples themselves unchanged.
+        One dict per shape, in caption order: ``phrase`` (e.g. "a small red circle"), ``shape``,
+        ``color``, ``size`` and ``box``, the tight (x0, y0, x1, y1) pixel bounds of the drawn
+        shape in the ``image_size`` image (before any model transform)."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"SyntheticShapes index {index} out of range [0, {self.size})")
+        _, _, objects = self.generate(index)
+        return [{"phrase": _phrase(obj), "shape": obj["shape"], "color": obj["color"], "size": obj["size"],
+                 "box": tuple(v / _SUPERSAMPLE for v in _shape_bounds(obj["shape"], obj["center"], obj["radius"]))}
+                for obj in objects]
+
     def generate(self, index: int) -> tuple[Image.Image, str, list[dict[str, Any]]]:
         """The image, its caption and the drawn objects (shape, color, size, center, radius)."""
         rng = np.random.default_rng([self.seed, index])
@@ -173,6 +186,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: tuple[float, floa
         draw.polygon([p for pair in zip(outer, inner) for p in pair], fill=color)
     else:  # pragma: no cover - SHAPES is closed
         raise ValueError(shape)
+
+
+def _shape_bounds(shape: str, center: tuple[float, float], r: float) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of what ``_draw_shape`` draws."""
+    cx, cy = center
+    if shape in ("triangle", "star"):
+        xs, ys = zip(*_regular_points(cx, cy, r, 3 if shape == "triangle" else 5))
+        return min(xs), min(ys), max(xs), max(ys)
+    h = r * 0.85 if shape == "square" else r
+    return cx - h, cy - h, cx + h, cy + h
 
 
 def _regular_points(cx: float, cy: float, r: float, n: int, offset: float = 0.0) -> list[tuple[float, float]]:
