@@ -142,6 +142,8 @@ class RetrievalMetrics(Metric):
     higher_is_better = True
     full_state_update = False
 
+    _feature_states: tuple[str, ...] = ("image_features", "text_features")  # (N, D) states gathered padded
+
     def __init__(self, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ks = tuple(ks)
@@ -190,7 +192,7 @@ class RetrievalMetrics(Metric):
         # when torch.distributed is initialised; every rank runs the same collectives.
         if process_group is not None:
             raise NotImplementedError("RetrievalMetrics gathers over the default process group only")
-        for name in ("image_features", "text_features"):
+        for name in self._feature_states:
             state = getattr(self, name)
             if isinstance(state, Tensor):
                 width = int(state.shape[1])

@@ -51,7 +51,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from mmkit import distributed as D
-from mmkit.reports.continual import write_continual_report
+from mmkit.reports.continual import PLOTTED, score_filename, write_continual_report
 from mmkit.config_checks import Range, check_settings
 from mmkit.losses.contrastive import ClipLoss
 from mmkit.losses.protocol import as_loss
@@ -144,6 +144,7 @@ class EWCIncremental(DualEncoderModule):
         self.schedule_per_task = schedule_per_task
         self.evaluate_before = evaluate_before
         self.report_dir = report_dir
+        self._report_out: Path | None = None  # where the matrix files went (resolved on every rank)
         self.penalty = EWCPenalty(mode, gamma)
         self.matrix: ContinualMatrix | None = None
         self._matrix_state: dict | None = None  # restored from a checkpoint before the stream is known
@@ -300,8 +301,18 @@ class EWCIncremental(DualEncoderModule):
         if self.report_dir == "":
             return
         out = Path(self.report_dir) if self.report_dir else run_folder(self.trainer) / "continual"  # every rank
+        self._report_out = out
         if self.trainer.is_global_zero:
             write_continual_report(out, self._ensure_matrix())
+
+    def report_figures(self) -> dict[str, Path]:
+        """The continual-learning matrix heatmaps written after the last task, for the run report."""
+        out = self._report_out
+        if out is None:
+            return {}
+        pngs = {score: out / f"{score_filename(score)}.png" for score in PLOTTED}
+        return {f"Continual-learning matrix: {score} (rows: after each task; columns: task evaluated)": path
+                for score, path in pngs.items() if path.is_file()}
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -29,6 +29,10 @@ spec is trained (the other is frozen and never run); the other modality's featur
 the teacher, so the student lands in the teacher's embedding space (same width required) and is
 used with the teacher's other tower. Evaluation scores it that way: for an image student, its
 image features against the teacher's text features of the split.
+
+Evaluation also logs ``teacher_agreement`` (``mmkit.metrics.TopOneAgreement``): how often the
+student's top-1 choice over the split (caption for an image, image for a caption) is the
+teacher's, wherever the split has a teacher (live or stored); exact across ranks like Recall@K.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch import Tensor
 from mmkit.data.teacher_embeddings import TeacherEmbeddings
 from mmkit.losses.distillation import DistillationLoss
 from mmkit.losses.protocol import loss_context
+from mmkit.metrics.agreement import TopOneAgreement
 from mmkit.models.single_tower_student import SingleTowerStudent
 from mmkit.models.spec import ModelSpec
 from mmkit.models.teacher import FrozenTeacher, StudentTeacherPreprocessing, Teacher
@@ -103,6 +108,7 @@ class KDStudent(DualEncoderModule):
         self._stores: dict[str, TeacherEmbeddings] = {}
         self._preprocessing = None
         self._eval_teacher: tuple[dict, dict[str, Tensor] | None] | None = None  # (batch, its teacher outputs)
+        self._agreement = {"val": TopOneAgreement(), "test": TopOneAgreement()}
         # Held aside, not registered: see the module docstring.
         object.__setattr__(self, "_teacher", None)
         self.save_hyperparameters(ignore=["model", "loss", "teacher"])
@@ -180,8 +186,8 @@ class KDStudent(DualEncoderModule):
         teacher's features in place of the missing modality (``outputs`` is left as it is)."""
         split = "train" if self.training else self._eval_split()
         teacher = self.teacher_outputs(batch, split)
-        if not self.training and self.student_towers != "both":
-            self._eval_teacher = (batch, teacher)  # for eval_features: one teacher forward per eval batch
+        if not self.training:
+            self._eval_teacher = (batch, teacher)  # for eval_features and the agreement: one teacher forward per eval batch
         if teacher is None:  # evaluation without a teacher for this split
             self._require_teacher(split)
             return self.loss.student_terms(**outputs, **loss_context(self.global_step, batch))
@@ -193,11 +199,37 @@ class KDStudent(DualEncoderModule):
         features against the teacher's features of the batch for the missing one."""
         if self.student_towers == "both":
             return outputs
-        cached, self._eval_teacher = self._eval_teacher, None
-        teacher = cached[1] if cached is not None and cached[0] is batch else self.teacher_outputs(batch, split)
+        teacher = self._batch_teacher(batch, split)
         if teacher is None:
             self._require_teacher(split)
         return self._with_teacher_tower(outputs, teacher)
+
+    def _batch_teacher(self, batch: dict, split: str) -> dict[str, Tensor] | None:
+        """The teacher's outputs for an eval batch: those the loss just got for it, or a new call
+        (kept for the next hook of the same batch)."""
+        cached = self._eval_teacher
+        if cached is None or cached[0] is not batch:
+            cached = self._eval_teacher = (batch, self.teacher_outputs(batch, split))
+        return cached[1]
+
+    def _has_teacher(self, split: str) -> bool:
+        return self.teacher_spec is not None or split in self.teacher_embeddings
+
+    def on_eval_start(self, split: str) -> None:
+        super().on_eval_start(split)
+        self._agreement[split] = self._agreement[split].to(self.device)
+        self._agreement[split].reset()
+
+    def update_eval_metrics(self, features: dict[str, Tensor], batch: dict, split: str) -> None:
+        if self._has_teacher(split):
+            self._agreement[split].update(features, self._batch_teacher(batch, split), batch["image_id"], batch.get("index"))
+        self._eval_teacher = None  # the batch is done
+
+    def eval_metrics(self, split: str) -> dict[str, Tensor]:
+        metrics = super().eval_metrics(split)
+        if self._has_teacher(split):  # the same on every rank (configuration)
+            metrics["teacher_agreement"] = self._agreement[split].compute().float()
+        return metrics
 
     def _with_teacher_tower(self, outputs: dict[str, Tensor], teacher: dict[str, Tensor]) -> dict[str, Tensor]:
         # A single-tower student's placeholder for the missing modality, replaced by the teacher's.
