@@ -8,13 +8,26 @@ and behave identically on one process (where every helper is the identity).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
 _local_only_depth = 0  # > 0 inside ``local_only()``
+
+
+def device_from_flag(choice: str) -> torch.device:
+    """The device a command's ``--device`` names: ``auto`` (this process's GPU where CUDA is
+    visible, else the CPU), ``cpu``, ``cuda`` (this process's GPU, ``LOCAL_RANK`` under a
+    launcher) or ``cuda:N``. CUDA asked for where none is visible is an error."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {choice}: no CUDA device is visible")
+    if choice == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(choice)
 
 
 def is_distributed() -> bool:
