@@ -19,16 +19,28 @@ from torch import Tensor, nn
 
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
-from mmkit.losses.protocol import call_loss, loss_context, setup_loss, uses_logit_bias, uses_logit_scale
+from mmkit.file_modes import give_folder_usual_modes
+from mmkit.losses.protocol import (
+    call_loss,
+    loss_context,
+    setup_loss,
+    uses_logit_bias,
+    uses_logit_scale,
+)
 from mmkit.metrics.retrieval import RetrievalMetrics
-from mmkit.metrics.zeroshot import ZeroShotAccuracy, build_zeroshot_classifier, zero_shot_class_names
+from mmkit.metrics.zeroshot import (
+    ZeroShotAccuracy,
+    build_zeroshot_classifier,
+    zero_shot_class_names,
+)
 from mmkit.models.dual_encoder import MAX_LOGIT_SCALE, DualEncoder
 from mmkit.models.spec import ModelSpec
+from mmkit.parallel.ops import check_strategy, parallel_ops
+from mmkit.run_folder import run_folder
+from mmkit.training.compile import compile_options
 from mmkit.training.gathered_log import log_gathered
 from mmkit.training.grad_cache import chunked_backward
 from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
-from mmkit.parallel.ops import check_strategy, parallel_ops
-from mmkit.run_folder import run_folder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -98,6 +110,9 @@ class DualEncoderModule(L.LightningModule):
 
     Public helpers for a technique's own evaluation: ``zero_shot_classifier(class_names)`` and
     ``score_loader(loader, classifier)`` (the scores an evaluation pass logs, for any loader).
+    For the run report (``mmkit.callbacks.RunReport``): ``example_features(batch)`` (a few eval
+    rows' features and the zero-shot classifier, on one rank) and the hook ``report_figures()``
+    (figures a technique writes itself, e.g. EWCIncremental's matrix heatmaps).
 
     Args:
         model: the model spec (towers, locking, similarity head).
@@ -119,6 +134,11 @@ class DualEncoderModule(L.LightningModule):
         zero_shot_templates: prompt templates with ``{}`` for the class name.
         export_dir: where to write the trained model at the end of ``fit`` (default:
             ``<log_dir>/export``); an empty string disables the export.
+        compile: compile the two towers' encoders with ``torch.compile``: ``false`` (default),
+            ``true`` (torch's defaults) or its options, e.g. ``{mode: max-autotune, dynamic: false}``
+            (keys: mode, dynamic, fullgraph, backend, options). Applied in ``configure_model``
+            after FSDP2 sharding; checkpoints and exports keep the eager model's keys. The first
+            steps are slower (compilation).
     """
 
     # Valid values of the numeric settings, checked at construction (mmkit.config_checks).
@@ -151,6 +171,7 @@ class DualEncoderModule(L.LightningModule):
         zero_shot_classes: list[str] | None = None,
         zero_shot_templates: list[str] | None = None,
         export_dir: str | None = None,
+        compile: bool | dict = False,
     ) -> None:
         check_settings(self, locals(), DualEncoderModule.setting_ranges)
         super().__init__()
@@ -166,6 +187,8 @@ class DualEncoderModule(L.LightningModule):
         self.zero_shot_classes = zero_shot_classes
         self.zero_shot_templates = zero_shot_templates or ["a photo of a {}.", "{}"]
         self.export_dir = export_dir
+        # Not ``self.compile``: that is nn.Module's own method.
+        self.compile_options = compile_options(compile, f"{type(self).__name__}: compile")
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
         self._retrieval = {"val": RetrievalMetrics(), "test": RetrievalMetrics()}
@@ -184,6 +207,8 @@ class DualEncoderModule(L.LightningModule):
         if self.model is None:
             self.model = self.spec.build()
         parallel_ops(self).shard(self.model)  # FSDP2: the towers' blocks; otherwise nothing
+        if self.compile_options is not None:  # after sharding: compiled code sees FSDP2's modules
+            self.model.compile_towers(**self.compile_options)
         # The loss's width-dependent state (a memory queue) exists before DDP wraps the module.
         setup_loss(self.loss, self.model.embed_dim, next(self.model.parameters()).device)
         # A temperature (bias) that no loss reads gets no gradient: freeze it, or DDP's reducer
@@ -369,6 +394,30 @@ class DualEncoderModule(L.LightningModule):
         return _scores(self._retrieval[split], self._zeroshot[split] if self._classifier is not None else None)
 
     @torch.no_grad()
+    def example_features(self, batch: dict) -> dict | None:
+        """The features the run report draws its pictures from, for a few rows of an eval batch:
+        ``image_features`` and ``text_features`` as evaluation scores them (``eval_features``)
+        and, where the validation data has class names, the zero-shot ``classifier`` and its
+        ``class_names``. Runs on one rank alone (no collective), in eval mode; None where the
+        parameters are sharded over ranks (FSDP2, ZeRO-3), whose forward is a collective."""
+        ops = parallel_ops(self)
+        if ops.shards_parameters or ops.partitions_parameters:
+            return None
+        batch = move_data_to_device(batch, self.device)
+        with _eval_mode(self):
+            out = self.forward(batch["images"], batch["texts"])
+            features = self.eval_features(out, batch, "val")
+            class_names = zero_shot_class_names(self.zero_shot_classes, self._eval_class_names("val"), "val data")
+            classifier = self.zero_shot_classifier(class_names)
+        return {"image_features": features["image_features"], "text_features": features["text_features"],
+                "classifier": classifier, "class_names": class_names}
+
+    def report_figures(self) -> dict[str, Path]:
+        """Hook: figures a technique writes itself that the run report shows (title → PNG path,
+        linked, not copied); called on rank 0 at the end of the run. Default: none."""
+        return {}
+
+    @torch.no_grad()
     def score_loader(self, loader, classifier: Tensor | None = None, split: str = "val") -> dict[str, Tensor]:
         """Retrieval (and, given a ``classifier`` from ``zero_shot_classifier``, zero-shot) scores
         of the current weights over ``loader`` (this rank's share of the data), with the keys and
@@ -487,4 +536,5 @@ class DualEncoderModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         model.export(out)
+        give_folder_usual_modes(out)
         print(f"mmkit: exported the trained model to {out}")
