@@ -1,4 +1,4 @@
-"""``mmkit fit|validate|test|predict --config recipes/....yaml`` and ``mmkit export``.
+"""``mmkit fit|validate|test|predict --config recipes/....yaml``, ``mmkit export``, ``mmkit benchmark`` and ``mmkit explain``.
 
 A LightningCLI over every mmkit module and data module: the recipe YAML names classes by
 ``class_path`` and ``--print_config`` shows every knob. Run-time values never go in YAML: the
@@ -21,18 +21,16 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-# Offline by construction: nothing may be fetched from a model hub at run time.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary  # noqa: E402
 from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from mmkit.callbacks.bad_samples import BadSampleCallback  # noqa: E402
 from mmkit.callbacks.embedding_writer import EmbeddingWriter  # noqa: E402
+from mmkit.callbacks.model_summary import ModelSummary  # noqa: E402
 from mmkit.callbacks.progress_bar import step_progress_bar  # noqa: E402
 from mmkit.callbacks.progress_log import ProgressLog  # noqa: E402
 from mmkit.callbacks.resume_state import ResumeState  # noqa: E402
@@ -40,6 +38,7 @@ from mmkit.callbacks.throughput import Throughput  # noqa: E402
 from mmkit import run_lock  # noqa: E402
 from mmkit.checkpoint_io import CheckpointLoadError, load_checkpoint, remove_write_debris, resolve_ckpt_path, verify_checksum  # noqa: E402
 from mmkit.checksum import remove_with_sidecar  # noqa: E402
+from mmkit.file_modes import give_folder_usual_modes  # noqa: E402
 from mmkit.data.datamodule import ImageTextDataModule  # noqa: E402
 from mmkit.loggers import CSVLogger as ContinuingCSVLogger  # noqa: E402
 from mmkit.techniques.base import DualEncoderModule  # noqa: E402
@@ -58,7 +57,9 @@ DESCRIPTION = (
 )
 EPILOG = (
     "subcommands: fit, validate, test, predict (add --help after one for its options), and "
-    "export (mmkit export --help): write a checkpoint's model in its native format. "
+    "export (mmkit export --help): write a checkpoint's model in its native format; "
+    "benchmark (mmkit benchmark --help): zero-shot and retrieval benchmarks of any model; "
+    "explain (mmkit explain --help): which image patches and caption tokens make a match's score. "
     "Errors print one message; run with --debug or MMKIT_DEBUG=1 for the traceback."
 )
 DEBUG_ENV = "MMKIT_DEBUG"
@@ -186,7 +187,10 @@ class MMKitCLI(LightningCLI):
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if bar and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, step_progress_bar()]  # global step of max_steps, readable lr
+            callbacks = kwargs["callbacks"] = [*callbacks, step_progress_bar()]  # global step of max_steps, readable lr
+        # Lightning's default summary would say "Total FLOPs: 0" (Throughput counts them instead).
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, LightningModelSummary) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ModelSummary()]
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -258,32 +262,39 @@ def export(argv: list[str]) -> None:
     """``mmkit export --config RECIPE --ckpt_path CKPT --out DIR [--model.… overrides]``: write a
     checkpoint's model in its native loadable format (open_clip local-dir or transformers
     folders). Only the recipe's ``model`` section is used: no data needs to exist."""
-    import argparse
-
-    import yaml
-    from jsonargparse import ArgumentParser
-
     ap = argparse.ArgumentParser(prog="mmkit export", description=export.__doc__)
     ap.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable, merged in order)")
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--out", required=True)
     args, overrides = ap.parse_known_args(argv)
-    if Path(args.ckpt_path).is_file():
-        verify_checksum(args.ckpt_path)  # damaged weights must not be exported
+    module = module_from_checkpoint(args.config, args.ckpt_path, overrides, "mmkit export")
+    out = module.model.export(Path(args.out))
+    give_folder_usual_modes(out)
+    print(f"mmkit: exported {args.ckpt_path} to {out}")
+
+
+def module_from_checkpoint(configs: list[str], ckpt_path: str | None, overrides: list[str], prog: str) -> DualEncoderModule:
+    """The recipes' ``model`` (merged in order, then ``--model.…`` overrides), built, with the
+    weights of ``ckpt_path`` (checked against its digest first) when one is given."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    if ckpt_path and Path(ckpt_path).is_file():
+        verify_checksum(ckpt_path)  # damaged weights must not be exported or scored
     model_cfg: dict = {}
-    for path in args.config:
+    for path in configs:
         section = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
         if section.get("class_path") not in (None, model_cfg.get("class_path")):
             model_cfg = {}
         model_cfg = _merge(model_cfg, section)
-    parser = ArgumentParser(prog="mmkit export")
+    parser = ArgumentParser(prog=prog)
     parser.add_subclass_arguments(DualEncoderModule, "model", required=True)
     cfg = parser.parse_args(["--model", json.dumps(model_cfg), *overrides])
     module = parser.instantiate_classes(cfg).model
     module.configure_model()
-    module.load_state_dict(_checkpoint_state_dict(args.ckpt_path))
-    out = module.model.export(Path(args.out))
-    print(f"mmkit: exported {args.ckpt_path} to {out}")
+    if ckpt_path:
+        module.load_state_dict(_checkpoint_state_dict(ckpt_path))
+    return module
 
 
 def _checkpoint_state_dict(path: str) -> dict:
@@ -292,7 +303,11 @@ def _checkpoint_state_dict(path: str) -> dict:
     memory. Nothing is unpickled that could run code: files load with ``weights_only``, folders are
     checked file by file before they are merged (``mmkit.parallel.sharded_checkpoint``)."""
     from mmkit.parallel.deepspeed_support import consolidated_state_dict
-    from mmkit.parallel.sharded_checkpoint import distributed_checkpoint_state_dict, is_deepspeed_checkpoint, is_distributed_checkpoint
+    from mmkit.parallel.sharded_checkpoint import (
+        distributed_checkpoint_state_dict,
+        is_deepspeed_checkpoint,
+        is_distributed_checkpoint,
+    )
 
     if is_deepspeed_checkpoint(path):
         return consolidated_state_dict(path)
@@ -313,14 +328,20 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+# Lightning info lines that say nothing to an mmkit user: adverts, and the note that the summary
+# mmkit configures itself (without "Total FLOPs: 0") replaces Lightning's default one.
+_NOISE = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+
+
 class _NoTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip:")
+        return not record.getMessage().startswith(_NOISE)
 
 
 def quiet_lightning_tips() -> None:
-    """Drop Lightning's "💡 Tip: ... litlogger / litmodels" adverts (``rank_zero_info`` at every
-    Trainer construction); both rank-zero loggers, whichever Lightning package set it last."""
+    """Drop Lightning's "💡 Tip: ... litlogger / litmodels" adverts and its note on mmkit's own
+    model summary (``rank_zero_info`` at every Trainer construction); both rank-zero loggers,
+    whichever Lightning package set it last."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTips) for f in logger.filters):
@@ -357,6 +378,16 @@ def _dispatch(words: list[str], cli_args: list[str] | None) -> None:
     if words and words[0] == "export":
         export(words[1:])
         return
+    if words and words[0] == "benchmark":
+        from mmkit.benchmarks.command import benchmark
+
+        benchmark(words[1:])
+        return
+    if words and words[0] == "explain":
+        from mmkit.explain.command import explain
+
+        explain(words[1:])
+        return
     run_cli(cli_args)  # None: LightningCLI reads sys.argv itself (and does not warn)
 
 
@@ -380,7 +411,7 @@ def command(words: list[str] | None = None) -> int:
             traceback.print_exc()
         hint = "" if debug else f" (run with {DEBUG_ENV}=1 for the traceback)"
         message = error_message(e)
-        message = message[len("mmkit: "):] if message.startswith("mmkit: ") else message  # some already say who speaks
+        message = message.removeprefix("mmkit: ")  # some already say who speaks
         print(f"mmkit: error: {message}{hint}", file=sys.stderr, flush=True)
         return error_status(e)
     return 0

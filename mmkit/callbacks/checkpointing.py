@@ -36,8 +36,8 @@ class Preempted(SIGTERMException):
 
 class StepCheckpoint(Checkpoint):
     """Saves ``<dirpath>/epoch=E-step=S.ckpt`` every ``every_n_train_steps`` optimizer steps and at
-    the end of every training epoch, keeps the ``keep_last`` most recent, and saves before exiting
-    when the job is told to stop.
+    the end of every (``every_n_epochs``-th) training epoch, keeps the ``keep_last`` most recent,
+    and saves before exiting when the job is told to stop.
 
     Writes are atomic (a temporary file in the same folder, fsynced, then renamed; see
     ``mmkit.checkpoint_io``): the strategy's plain ``TorchCheckpointIO`` is replaced by
@@ -66,7 +66,13 @@ class StepCheckpoint(Checkpoint):
             preemption.
         keep_last: How many of the most recently written checkpoints in ``dirpath`` to keep (older
             ones matching ``epoch=*-step=*.ckpt`` are deleted); -1 keeps all.
-        save_on_train_epoch_end: Also save at the end of every training epoch.
+        save_on_train_epoch_end: Also save at the end of training epochs (see ``every_n_epochs``);
+            False is the same as ``every_n_epochs=0``.
+        every_n_epochs: Save at the end of every this many training epochs, and at the end of the
+            epoch in which training stops (so a finished run's ``last.ckpt`` is its final state);
+            0 writes no epoch-end checkpoints. Raise it, or set 0 and rely on
+            ``every_n_train_steps``, when epochs are short: each checkpoint holds the weights and
+            the optimizer's moments (about 12 bytes per parameter with AdamW in fp32).
         save_last: Keep ``last.ckpt`` pointing at the newest checkpoint (a symbolic link).
         save_on_preemption: Save and exit on SIGTERM / SIGUSR1 (see above).
     """
@@ -74,6 +80,7 @@ class StepCheckpoint(Checkpoint):
     setting_ranges = {
         "every_n_train_steps": Range(ge=0, integer=True),
         "keep_last": Range(ge=1, integer=True, also=((-1, "keep all"),)),
+        "every_n_epochs": Range(ge=0, integer=True),
     }
 
     def __init__(
@@ -84,6 +91,7 @@ class StepCheckpoint(Checkpoint):
         save_on_train_epoch_end: bool = True,
         save_last: bool = True,
         save_on_preemption: bool = True,
+        every_n_epochs: int = 1,
     ) -> None:
         check_settings(self, locals(), StepCheckpoint.setting_ranges)
         super().__init__()
@@ -93,6 +101,7 @@ class StepCheckpoint(Checkpoint):
         self.save_on_train_epoch_end = save_on_train_epoch_end
         self.save_last = save_last
         self.save_on_preemption = save_on_preemption
+        self.every_n_epochs = every_n_epochs
         self.last_path: Path | None = None
         self._last_saved_step = -1
         self._signal_received: int | None = None
@@ -174,7 +183,11 @@ class StepCheckpoint(Checkpoint):
                 self._preempt(trainer, signum)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.save_on_train_epoch_end and trainer.global_step != self._last_saved_step and not trainer.fast_dev_run:
+        if trainer.global_step == self._last_saved_step or trainer.fast_dev_run:
+            return
+        if not self.save_on_train_epoch_end or not self.every_n_epochs:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or _training_stops(trainer):
             self.save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -258,6 +271,17 @@ class StepCheckpoint(Checkpoint):
             _requeue_slurm_job()
         trainer.strategy.barrier("mmkit_preempted")
         raise Preempted(128 + signum)
+
+
+def _training_stops(trainer: L.Trainer) -> bool:
+    """Whether the epoch ending now is the last of the fit (``on_train_epoch_end`` runs before
+    Lightning counts the epoch as completed)."""
+    if trainer.should_stop:
+        return True
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
 
 
 def _requeue_slurm_job() -> None:
