@@ -148,13 +148,16 @@ ROWS = [
     (StepCheckpoint, "every_n_train_steps", -1, ">= 0"),
     (StepCheckpoint, "keep_last", 0, ">= 1 or -1 (keep all)"),
     (StepCheckpoint, "keep_last", -2, ">= 1 or -1 (keep all)"),
+    (StepCheckpoint, "every_n_epochs", -1, ">= 0"),
     (BadSampleCallback, "max_bad_fraction", -1, "in [0, 1] or null (the data module's)"),
     (BadSampleCallback, "min_samples", -1, ">= 0"),
     (BadSampleCallback, "check_every_n_steps", 0, ">= 1"),
     (BadSampleCallback, "num_reasons", -1, ">= 0"),
     (Throughput, "window", 0, ">= 1"),
     (Throughput, "warmup", -1, ">= 0"),
+    (Throughput, "peak_tflops", 0, "> 0 or null (the device's known or measured peak)"),
     (RunReport, "every_n_steps", 0, ">= 1"),
+    (RunReport, "examples", -1, ">= 0"),
 ]
 
 # Every class whose numeric settings are checked (those without any are listed so a new one is caught).
@@ -253,10 +256,12 @@ GOOD = [
     (EWCPenalty, dict(gamma=1.0)),
     (StepCheckpoint, dict(every_n_train_steps=0, keep_last=-1)),
     (StepCheckpoint, dict(keep_last=1)),
+    (StepCheckpoint, dict(every_n_epochs=0)),
     (BadSampleCallback, dict(max_bad_fraction=None, min_samples=0, check_every_n_steps=1, num_reasons=0)),
     (BadSampleCallback, dict(max_bad_fraction=0.0)),
     (BadSampleCallback, dict(max_bad_fraction=1.0)),
     (Throughput, dict(window=1, warmup=0)),
+    (Throughput, dict(peak_tflops=None)),
     (RunReport, dict(every_n_steps=1)),
 ]
 

@@ -26,7 +26,11 @@ SHORT = [
 def _check_default_run(run) -> None:
     assert (run / "export" / "open_clip_model.safetensors").is_file()
     assert load_file(str(run / "export" / "open_clip_model.safetensors"))
-    assert (run / "report" / "report.md").is_file()
+    report = (run / "report" / "report.md").read_text()
+    # Written again after the test, with its metrics; the pictures come from rank 0 alone.
+    assert "| metric | train | val | test |" in report
+    for png in ("optimisation.png", "retrieval_text_to_image.png", "similarity.png", "confusion.png"):
+        assert f"]({png})" in report and (run / "report" / png).is_file()
     metrics = (run / "metrics.csv").read_text()
     assert "val/i2t_R@1" in metrics and "test/i2t_R@1" in metrics
     assert (run / "checkpoints" / "last.ckpt").exists()

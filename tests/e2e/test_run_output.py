@@ -11,7 +11,7 @@ from mmkit.callbacks.progress_log import ProgressLog
 from mmkit.cli import main, run_cli
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "default.yaml"
-NOISE = ("💡 Tip", "litlogger", "litmodels", "initialized randomly", "sync_dist=True")
+NOISE = ("💡 Tip", "litlogger", "litmodels", "initialized randomly", "sync_dist=True", "already configured with model summary")
 
 
 def tiny(run: Path) -> list[str]:

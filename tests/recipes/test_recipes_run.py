@@ -85,22 +85,26 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 def test_csv_finetune_with_openai_weights_as_its_header_shows(tmp_path):
     import open_clip
+    from safetensors.torch import save_file
+
+    from hub_cache import add_to_hub_cache
 
     images = _write_images(tmp_path / "data" / "img", 8)
     for split in ("train", "val"):
         _write_csv(tmp_path / "data" / f"{split}.csv",
                    [{"image": f"img/{name}", "caption": f"a photo number {i}"} for i, name in enumerate(images)])
-    # A stand-in for OpenAI's ViT-B/32 weights (same architecture and file format, random values).
-    weights = tmp_path / "weights" / "ViT-B-32-openai.bin"
-    weights.parent.mkdir()
-    torch.save(open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).state_dict(), weights)
+    # The offline cluster of the header: a Hugging Face cache holding the `openai` tag's hub repo, here
+    # with a stand-in for OpenAI's ViT-B/32 weights (same architecture and format, random values).
+    repo = open_clip.get_pretrained_cfg("ViT-B-32-quickgelu", "openai")["hf_hub"].strip("/")
+    weights = tmp_path / "ViT-B-32-openai.safetensors"
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("ViT-B-32-quickgelu").state_dict().items()}, str(weights))
+    add_to_hub_cache(tmp_path / "hf" / "hub", repo, {"open_clip_model.safetensors": weights}, move=True)
     run_to_exit([MMKIT, "fit", "--config", str(RECIPES / "csv_finetune.yaml"),
-                 "--model.init_args.model.init_args.pretrained", str(weights),
                  "--data.init_args.train.init_args.path", "data/train.csv", "--data.init_args.val.init_args.path", "data/val.csv",
                  *SHORT, "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
                  # bf16 autocast of a ViT-B/32 step takes ~80 s on a CPU without bf16 units (fp32: 2 s)
                  "--trainer.precision", "32-true"],
-                cwd=tmp_path, timeout=600)
+                cwd=tmp_path, timeout=600, env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     run = tmp_path / "runs" / "csv_finetune"
     assert any(run.rglob("last.ckpt")) and (run / "export" / "open_clip_model.safetensors").is_file()
     config = json.loads((run / "export" / "open_clip_config.json").read_text())

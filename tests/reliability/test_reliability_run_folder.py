@@ -93,8 +93,13 @@ def test_the_lock_dies_with_its_holder_though_a_forked_child_lives_on(tmp_path):
         run_lock.acquire({str(tmp_path)!r})
         child = os.fork()
         if child == 0:
+            # Running here means fork's after-in-child hooks ran; the parent reports only then
+            # (under load the child may not yet have been scheduled when the parent is killed).
+            open({str(tmp_path / "child_started")!r}, "w").close()
             time.sleep(120)
             os._exit(0)
+        while not os.path.exists({str(tmp_path / "child_started")!r}):
+            time.sleep(0.01)
         print(child, flush=True)
         time.sleep(120)
     """)

@@ -1,11 +1,11 @@
 """One CLIPPretrain training step + validation under a real Lightning Trainer; saves rank 0's
 gradients (after DDP's all-reduce) and validation metrics.
 
-    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES [STRATEGY [STEPS]]]
+    python ddp_step_script.py OUT_DIR DEVICES PER_RANK_BATCH LOSS [NUM_NODES [STRATEGY [STEPS [COMPILE]]]]
 
 STRATEGY is ``ddp`` (default) or ``fsdp`` (FSDP2 through ModelParallelStrategy, the CPU route).
 STEPS training steps are taken (default 1); under DDP the model's weights after them go to
-weights.pt.
+weights.pt. COMPILE ``1`` compiles the towers (``compile: true``; default 0).
 
 Run by tests/techniques/test_ddp_exactness.py (Lightning's `ddp` strategy relaunches this script
 for the other ranks) and by tests/launch/test_multinode.py (with NUM_NODES=2 the test starts one
@@ -57,6 +57,7 @@ def main() -> None:
     num_nodes = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     strategy_name = sys.argv[6] if len(sys.argv) > 6 else "ddp"
     steps = int(sys.argv[7]) if len(sys.argv) > 7 else 1
+    compile_towers = len(sys.argv) > 8 and sys.argv[8] == "1"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     losses = {
@@ -64,7 +65,8 @@ def main() -> None:
         "ranking": RankingLoss(negatives="hardest"),  # a hinge: the temperature gets no gradient
     }
     spec = OpenCLIP(ARCH, init_logit_bias=-5.0 if loss_name == "siglip" else None)
-    module = CLIPPretrain(spec, loss=losses[loss_name], warmup_steps=1, grad_clip_norm=None, export_dir="")
+    module = CLIPPretrain(spec, loss=losses[loss_name], warmup_steps=1, grad_clip_norm=None, export_dir="",
+                          compile=compile_towers)
     module.configure_model()  # same initial weights on every rank and in the 1-process run
     dm = ImageTextDataModule(
         train=SyntheticShapes(64, seed=0, image_size=16),

@@ -244,7 +244,7 @@ def test_zero_checkpoint_consolidates_and_exports(engine_runs, name, tmp_path):
 
 # -- mmkit's DeepSpeedStrategy, through `mmkit fit` with the shipped ZeRO-3 recipe ---------------
 def _fit(out: Path, devices: int, batch: int, chunks: int, deepspeed_config: str | None,
-         recipe: str = "recipes/clip_deepspeed_zero3.yaml") -> None:
+         recipe: str = "recipes/clip_deepspeed_zero3.yaml", extra: tuple[str, ...] = ()) -> None:
     strategy = (["--trainer.strategy", "deepspeed_cpu.CPUDeepSpeedStrategy", "--trainer.strategy.config", deepspeed_config]
                 if deepspeed_config else ["--trainer.strategy", "auto"])
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -265,7 +265,7 @@ def _fit(out: Path, devices: int, batch: int, chunks: int, deepspeed_config: str
         "--data.init_args.train", '{class_path: mmkit.data.SyntheticShapes, init_args: {size: 64, seed: 0, image_size: 16}}',
         "--data.init_args.val", "null", "--data.init_args.batch_size", str(batch), "--data.init_args.num_workers", "0",
         "--data.init_args.persistent_workers", "false", "--data.init_args.pin_memory", "false",
-        "--data.init_args.train_augment", "false", "--test_after_fit", "false",
+        "--data.init_args.train_augment", "false", "--test_after_fit", "false", *extra,
     ]
     subprocess.run(cmd, check=True, timeout=900, cwd=ROOT)
 
@@ -325,3 +325,15 @@ def test_lightning_deepspeed_zero2_recipe_trains_and_exports(tmp_path):
     engine = json.loads((tmp_path / "ds" / "engine.json").read_text())
     assert engine["zero_stage"] == 2 and engine["world_size"] == WORLD and engine["global_step"] == 2
     assert _exported(tmp_path / "ds" / "export")
+
+
+@pytest.mark.parametrize("config", ["recipes/deepspeed/zero2.json", "recipes/deepspeed/zero3.json"])
+def test_compiled_towers_under_deepspeed_match_one_eager_process(config, tmp_path):
+    """``compile: true`` under ZeRO-2 and ZeRO-3 (2 processes, batch 4 each, 2 chunks): the same 2
+    steps as one eager process with batch 8 (exported weights within float32 noise)."""
+    _fit(tmp_path / "ds", WORLD, PER_RANK, 2, config, extra=("--model.init_args.compile", "true"))
+    _fit(tmp_path / "ref", 1, WORLD * PER_RANK, 1, None)
+    ds_weights, ref_weights = _exported(tmp_path / "ds" / "export"), _exported(tmp_path / "ref" / "export")
+    assert set(ds_weights) == set(ref_weights)
+    for n, ref in ref_weights.items():
+        assert torch.allclose(ds_weights[n], ref, rtol=0, atol=2e-5), n

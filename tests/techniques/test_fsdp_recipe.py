@@ -27,7 +27,8 @@ WORLD, PER_RANK = 2, 4
 
 def _fit(out: Path, devices: int, batch: int, strategy: str, *extra: str) -> str:
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(out / "ckpt"), "save_last": True}}]
+                  "init_args": {"dirpath": str(out / "ckpt"), "save_last": True}},
+                 {"class_path": "mmkit.callbacks.RunReport", "init_args": {"examples": 8}}]
     cmd = [
         sys.executable, "-m", "mmkit.cli", "fit", "--config", "recipes/clip_fsdp.yaml",
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.strategy", strategy,
@@ -83,6 +84,13 @@ def test_fsdp2_recipe_on_two_processes_matches_one_process_and_exports_its_shard
     assert "val/zeroshot_top1" in ref_val and set(fsdp_val) == set(ref_val)
     for name, value in ref_val.items():
         assert math.isclose(fsdp_val[name], value, rel_tol=1e-4, abs_tol=1e-5), (name, fsdp_val[name], value)
+
+    # The run report: one process draws its pictures; under FSDP2 a forward on rank 0 alone would
+    # wait for the other rank, so they are left out (with a note) and the run ends by itself.
+    assert (tmp_path / "ref" / "report" / "similarity.png").is_file()
+    fsdp_report = (tmp_path / "fsdp" / "report" / "report.md").read_text()
+    assert "No example pictures: the parameters are sharded" in fsdp_report and "## Curves" in fsdp_report
+    assert not (tmp_path / "fsdp" / "report" / "similarity.png").exists()
 
     # A torch.distributed.checkpoint folder with one shard per rank, not a single file.
     ckpt = tmp_path / "fsdp" / "ckpt" / "last.ckpt"
