@@ -3,7 +3,8 @@
 GPUs: a table of the vendors' dense peaks (no sparsity) by ``torch.cuda.get_device_name``, 16-bit
 (bf16/fp16 tensor cores) or fp32 by the trainer's precision. CPUs: measured by a short matmul
 probe and cached (``$XDG_CACHE_HOME/mmkit/peak_tflops.json``, default ``~/.cache/mmkit``) per CPU
-model, dtype and thread count, so later runs do not pay for it.
+model, dtype and thread count, so later runs do not pay for it. A probe that did not have the
+cores to itself (other processes running) reads too low: it is used for that run but not cached.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def _cpu_name() -> str:
 
 def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
     """Best TFLOP/s of ``size``×``size`` matmuls on the CPU over about ``seconds`` (after one warm-up)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    # Its own generator: drawing from the global one would make a run's random numbers depend on
+    # whether the probe ran (cache empty) or not.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
     a @ b
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
@@ -78,8 +83,13 @@ def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, 
     return best
 
 
-def cpu_peak_tflops(sixteen_bit: bool, measure=measure_matmul_tflops) -> float:
-    """This CPU's matmul TFLOP/s at the run's dtype and thread count: cached, else measured once."""
+MIN_CPU_SHARE = 0.75  # of wall time × threads the probe must get as CPU time for its result to be kept
+
+
+def cpu_peak_tflops(sixteen_bit: bool, measure=measure_matmul_tflops) -> tuple[float, bool]:
+    """(This CPU's matmul TFLOP/s at the run's dtype and thread count, whether it is cached):
+    read from the cache, else measured, and cached when the probe had the cores to itself (its CPU
+    time at least ``MIN_CPU_SHARE`` of wall time × threads; a busy machine gives a low peak)."""
     dtype = torch.bfloat16 if sixteen_bit else torch.float32
     key = f"{_cpu_name()}|{str(dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}"
     path = cache_file()
@@ -90,8 +100,12 @@ def cpu_peak_tflops(sixteen_bit: bool, measure=measure_matmul_tflops) -> float:
         except (OSError, ValueError):
             cached = {}  # a damaged cache is measured again and rewritten
     if key in cached:
-        return float(cached[key])
+        return float(cached[key]), True
+    wall, cpu = time.perf_counter(), time.process_time()
     value = measure(dtype)
+    share = (time.process_time() - cpu) / max(1e-9, (time.perf_counter() - wall) * torch.get_num_threads())
+    if share < MIN_CPU_SHARE:
+        return value, False  # measured again by the next run
     cached[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,8 +113,8 @@ def cpu_peak_tflops(sixteen_bit: bool, measure=measure_matmul_tflops) -> float:
         tmp.write_text(json.dumps(cached, indent=1))
         tmp.replace(path)  # atomic: ranks probing at once do not tear the file
     except OSError:
-        pass  # a read-only home: measured again next run
-    return value
+        return value, False  # a read-only home: measured again next run
+    return value, True
 
 
 def peak_tflops(device: torch.device, precision) -> tuple[float | None, str]:
@@ -110,5 +124,7 @@ def peak_tflops(device: torch.device, precision) -> tuple[float | None, str]:
         name = torch.cuda.get_device_name(device)
         return gpu_peak_tflops(name, sixteen_bit), f"{name} table, {'16-bit' if sixteen_bit else 'fp32'}"
     if device.type == "cpu":
-        return cpu_peak_tflops(sixteen_bit), f"CPU matmul probe (cached in {cache_file()})"
+        value, cached = cpu_peak_tflops(sixteen_bit)
+        where = f"cached in {cache_file()}" if cached else "the machine was busy: not cached, measured again next run"
+        return value, f"CPU matmul probe ({where})"
     return None, f"no peak known for {device.type} devices"

@@ -2,6 +2,7 @@
 measured against (GPU table, cached CPU probe)."""
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from mmkit.data import ImageTextDataModule, SyntheticShapes
 from mmkit.models import OpenCLIP
 from mmkit.models.dual_encoder import DualEncoder
 from mmkit.models.spec import ModelSpec
+from mmkit.training import peak_flops
 from mmkit.training.flops import training_flops_per_sample
 from mmkit.training.peak_flops import (
     cache_file,
@@ -89,6 +91,7 @@ def test_logged_tflops_and_mfu_follow_from_the_count_and_the_given_peak(tmp_path
 
 def test_without_a_peak_the_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(peak_flops, "MIN_CPU_SHARE", 0.0)  # cached even when the test machine is busy
     callback, logged = _fit(tmp_path)
     (peak,) = json.loads(cache_file().read_text()).values()
     assert callback.peak == peak and "CPU matmul probe" in callback.peak_source
@@ -105,20 +108,47 @@ def test_mfu_off_logs_no_flops(tmp_path):
 
 def test_cpu_peak_probe_runs_once_then_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(peak_flops, "MIN_CPU_SHARE", 0.0)  # a 64×64 probe uses one thread of several
     calls = []
 
     def probe(dtype):
         calls.append(dtype)
         return measure_matmul_tflops(dtype, size=64, seconds=0.02)
 
-    first = cpu_peak_tflops(False, measure=probe)
-    assert first > 0 and calls == [torch.float32]
-    assert cpu_peak_tflops(False, measure=probe) == first and len(calls) == 1  # cached
+    first, cached = cpu_peak_tflops(False, measure=probe)
+    assert first > 0 and cached and calls == [torch.float32]
+    assert cpu_peak_tflops(False, measure=probe) == (first, True) and len(calls) == 1  # cached
     cpu_peak_tflops(True, measure=probe)  # bf16 is another entry
     assert calls == [torch.float32, torch.bfloat16]
     assert len(json.loads(cache_file().read_text())) == 2
     cache_file().write_text("{not json")  # a damaged cache is measured again
-    assert cpu_peak_tflops(False, measure=probe) > 0 and len(calls) == 3
+    assert cpu_peak_tflops(False, measure=probe)[0] > 0 and len(calls) == 3
+
+
+def test_the_probe_leaves_the_global_random_stream_alone(tmp_path, monkeypatch):
+    """Whether the probe runs (empty cache) or not must not change a seeded run's random numbers."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    cpu_peak_tflops(False, measure=lambda dtype: measure_matmul_tflops(dtype, size=64, seconds=0.02))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_probe_without_the_cores_is_used_but_not_cached(tmp_path, monkeypatch):
+    """A probe that waits (as one does while other processes hold the cores) gets little CPU time
+    for its wall time: its low peak serves this run and is measured again by the next."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+    def starved(dtype):
+        time.sleep(0.2)
+        return 0.01
+
+    assert cpu_peak_tflops(False, measure=starved) == (0.01, False)
+    assert not cache_file().exists()
+    monkeypatch.setattr(peak_flops, "cpu_peak_tflops", lambda sixteen_bit: (0.01, False))
+    value, source = peak_flops.peak_tflops(torch.device("cpu"), "32-true")
+    assert value == 0.01 and "busy" in source and "not cached" in source
 
 
 def test_gpu_peaks_by_device_name_and_precision():
