@@ -156,7 +156,7 @@ ROWS = [
     (Throughput, "window", 0, ">= 1"),
     (Throughput, "warmup", -1, ">= 0"),
     (Throughput, "peak_tflops", 0, "> 0 or null (the device's known or measured peak)"),
-    (RunReport, "every_n_steps", 0, ">= 1"),
+    (RunReport, "every_n_steps", 0, ">= 1 or null (the trainer's log_every_n_steps)"),
     (RunReport, "examples", -1, ">= 0"),
 ]
 

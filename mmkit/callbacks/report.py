@@ -47,6 +47,7 @@ from mmkit.reports.example_figures import (
 )
 from mmkit.reports.examples import Examples, compute_examples, take_rows, unique_images
 from mmkit.run_folder import run_folder
+from mmkit.training.log_cadence import logs_step_values
 
 # {x-axis name: {metric key: [(x, value), ...]}}; the x-axis is the optimizer step ("step").
 History = dict[str, dict[str, list[tuple[float, float]]]]
@@ -258,7 +259,8 @@ class RunReport(L.Callback):
     """Records training and validation scalars and writes a report at the end of ``fit``, and
     again after a test that follows it (see module docstring).
 
-    Training keys (``train_prefixes``) are recorded after every ``every_n_steps`` optimizer steps,
+    Training keys (``train_prefixes``) are recorded after every ``every_n_steps`` optimizer steps
+    (default: the steps the loggers write, every ``log_every_n_steps``) and after the last one,
     validation keys (``val_prefixes``) after every validation loop outside the sanity check, both
     against ``trainer.global_step``. The report goes to ``<trainer.log_dir or
     default_root_dir>/<folder>/``.
@@ -273,11 +275,12 @@ class RunReport(L.Callback):
         val_prefixes: key prefixes of the validation curves (Recall@K, zero-shot accuracy, …).
         test_prefixes: key prefixes of the test metrics (report table only).
         folder: name of the report folder inside the run folder.
-        every_n_steps: record training keys every n optimizer steps (reading a GPU scalar syncs).
+        every_n_steps: record training keys every n optimizer steps (reading a GPU scalar syncs);
+            default: the trainer's ``log_every_n_steps``, the steps mmkit logs them on.
         examples: validation rows kept for the pictures (0: no pictures).
     """
 
-    setting_ranges = {"every_n_steps": Range(ge=1, integer=True), "examples": Range(ge=0, integer=True)}
+    setting_ranges = {"every_n_steps": Range(ge=1, integer=True, none="the trainer's log_every_n_steps"), "examples": Range(ge=0, integer=True)}
 
     def __init__(
         self,
@@ -285,7 +288,7 @@ class RunReport(L.Callback):
         val_prefixes: Sequence[str] = ("val/",),
         test_prefixes: Sequence[str] = ("test/",),
         folder: str = "report",
-        every_n_steps: int = 1,
+        every_n_steps: int | None = None,
         examples: int = 64,
     ) -> None:
         check_settings(self, locals(), RunReport.setting_ranges)
@@ -323,7 +326,7 @@ class RunReport(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0:
+        if trainer.is_global_zero and logs_step_values(trainer, self.every_n_steps):
             self._record(_scalars(trainer.callback_metrics, self.train_prefixes), trainer.global_step)
 
     def on_validation_batch_end(

@@ -15,6 +15,7 @@ from torch import Tensor
 from mmkit import distributed as D
 from mmkit.config_checks import Range, check_settings
 from mmkit.training.flops import training_flops_per_sample
+from mmkit.training.log_cadence import logs_step_values
 from mmkit.training.peak_flops import peak_tflops
 
 
@@ -38,8 +39,8 @@ class Throughput(L.Callback):
     training batch (a micro-batch under gradient accumulation).
 
     The first ``warmup`` batches of every epoch (dataloader start-up, compilation, allocator
-    growth) and the gap across a validation loop are left out. The value is logged on every batch
-    once measured, so it reaches the logger whatever ``log_every_n_steps`` is.
+    growth) and the gap across a validation loop are left out. The values are logged on the steps
+    the loggers write (every ``log_every_n_steps``, and the last: ``mmkit.training.log_cadence``).
 
     With ``mfu`` (for mmkit's techniques), the FLOPs of one training step per sample are counted
     once per run, on the first batch (``mmkit.training.flops``: forward and backward of both
@@ -124,6 +125,8 @@ class Throughput(L.Callback):
         elapsed = self._ends[-1] - self._ends[0]
         if elapsed <= 0:
             return
+        if not logs_step_values(trainer):
+            return  # the window keeps moving; only the steps the loggers write are logged
         steps = len(self._samples)
         samples_per_sec = sum(self._samples) * trainer.world_size / elapsed
         pl_module.log("train/samples_per_sec", samples_per_sec, on_step=True, on_epoch=False,

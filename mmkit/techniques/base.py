@@ -40,6 +40,7 @@ from mmkit.run_folder import run_folder
 from mmkit.training.compile import compile_options
 from mmkit.training.gathered_log import log_gathered
 from mmkit.training.grad_cache import chunked_backward
+from mmkit.training.log_cadence import logs_step_values
 from mmkit.training.optim import fused_adamw_supported, param_groups, warmup_cosine
 
 
@@ -330,6 +331,8 @@ class DualEncoderModule(L.LightningModule):
             )
 
     def _log_train(self, terms: dict[str, Tensor], total: Tensor, batch: dict) -> None:
+        if not logs_step_values(self._trainer):
+            return  # a step the loggers do not write: skip the cost of logging it
         bs = int(batch["images"].shape[0])
         for name, value in terms.items():  # loss terms and the losses' own statistics
             self.log(f"train/{name}", value.float(), batch_size=bs, sync_dist=False)
