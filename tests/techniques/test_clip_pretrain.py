@@ -206,6 +206,20 @@ def test_bf16_mixed_precision_step_runs(tiny_arch, tmp_path):
     assert norm == pytest.approx(1e-3, rel=1e-3)
 
 
+@pytest.mark.parametrize("tile_size", [None, 3])
+def test_bf16_mixed_keeps_an_fp32_temperature_clamped_exactly_with_plain_and_tiled_loss(tiny_arch, tile_size, tmp_path):
+    """Under bf16 autocast the temperature stays an fp32 parameter and the clamp lands on ln(max)
+    exactly; the tiled loss (tiles of 3 over batches of 8: uneven tiles) trains to finite values."""
+    module = _module(tiny_arch, loss=ClipLoss(tile_size=tile_size), max_logit_scale=100.0)
+    module.configure_model()
+    with torch.no_grad():
+        module.model.log_scale_parameter().fill_(math.log(200.0))  # above the clamp: the step must bring it back
+    trainer, _ = _fit(module, tmp_path, steps=1, precision="bf16-mixed")  # later steps may move it below the clamp
+    scale = module.model.log_scale_parameter()
+    assert scale.dtype == torch.float32 and scale.item() == torch.tensor(math.log(100.0)).item()
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
 def test_export_loads_back_in_open_clip_with_identical_embeddings(tiny_arch, tmp_path):
     module = _module(tiny_arch, export_dir=str(tmp_path / "export"))
     _fit(module, tmp_path, steps=1)
