@@ -257,6 +257,29 @@ def test_a_clip_vision_tower_is_explained_too(hf_folders):
         assert exp.patches.shape == (4, 4, 4) and exp.patches.abs().sum() > 0
 
 
+def test_a_deit_tower_with_two_prefix_tokens_maps_the_patch_columns_only(hf_folders):
+    """DeiT puts a class and a distillation token before the patches: the patch map is the class
+    token's row over the last 16 columns (the patches), not shifted by the second prefix token."""
+    from transformers import DeiTConfig, DeiTModel
+
+    torch.manual_seed(4)
+    deit = DeiTModel(DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=16, patch_size=4), add_pooling_layer=False)
+    model = HFDualEncoder(deit, BertModel.from_pretrained(hf_folders / "bert"), 16).eval()
+    _, pre = _hf_model(hf_folders, "mean")
+    images, texts = _batch(pre)
+    towers, scorer = towers_for(model), PairScorer(model)
+    with torch.enable_grad(), towers.embeddings(), towers.recording() as maps:
+        scores = scorer(images, texts)
+        assert maps["image"][0].shape[-1] == 2 + 16  # two prefix tokens, then the 4×4 patches
+        grads = torch.autograd.grad(scores.sum(), maps["image"])
+    image_r = propagate_relevance(maps["image"], list(grads))
+    exp = explain_pairs(model, images, texts, "attention")
+    assert torch.allclose(exp.patches, image_r[:, 0, 2:].reshape(4, 4, 4), atol=1e-6)
+    for method in ("gradxinput", "occlusion"):
+        assert explain_pairs(model, images, texts, method).patches.shape == (4, 4, 4)
+
+
 def test_a_model_that_does_not_say_where_its_attention_is_refused(hf_folders):
     class PlainBert(BertModel):
         _can_record_outputs = None  # as in transformers < 4.54
