@@ -3,6 +3,7 @@ PyTorch loop (hand_written_loop.py) on the same data: issue 5, benchmark 2 (trai
 
     python benchmarks/clip_vs_open_clip.py [--epochs 6] [--repeats 3] [--threads 1] ...
     python benchmarks/clip_vs_open_clip.py --smoke     # 2 tiny epochs of each trainer, no RESULTS.md write
+    python benchmarks/clip_vs_open_clip.py --settings fp32,bf16,compile,compile_bf16   # issue 17's matrix
 
 Prerequisites (both write under the git-ignored benchmarks/_work/):
     python benchmarks/build_emoji_dataset.py          # Noto Color Emoji pairs, train/val CSVs
@@ -53,11 +54,23 @@ WORK = HERE / "_work"
 RECIPE = HERE / "emoji_clip.yaml"
 RESULTS = HERE / "RESULTS.md"
 HEADING = "## Training throughput: mmkit vs open_clip_train vs a hand-written loop (issue 5, benchmark 2)"
+MATRIX_HEADING = "## Training throughput by setting: {fp32, bf16, compile, compile + bf16} × three trainers (issue 17)"
 TRAINERS = ("open_clip_train", "mmkit", "hand_loop")
 LABELS = {"open_clip_train": "open_clip_train", "mmkit": "mmkit CLIPPretrain", "hand_loop": "hand-written loop"}
 METRICS = ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")
 OC_KEYS = {"i2t": "image_to_text", "t2i": "text_to_image"}
 STEP_WARMUP = 3  # per-epoch steps left out of the per-step medians (loader start-up)
+# Each trainer's own flags for a setting (issue 17): bf16 autocast, torch.compile, or both.
+SETTINGS = {
+    "fp32": {"open_clip_train": ["--precision", "fp32"], "mmkit": [], "hand_loop": []},
+    "bf16": {"open_clip_train": ["--precision", "amp_bf16"], "mmkit": ["--trainer.precision", "bf16-mixed"],
+             "hand_loop": ["--precision", "bf16"]},
+    "compile": {"open_clip_train": ["--precision", "fp32", "--torchcompile"],
+                "mmkit": ["--model.init_args.compile", "true"], "hand_loop": ["--compile"]},
+    "compile_bf16": {"open_clip_train": ["--precision", "amp_bf16", "--torchcompile"],
+                     "mmkit": ["--trainer.precision", "bf16-mixed", "--model.init_args.compile", "true"],
+                     "hand_loop": ["--precision", "bf16", "--compile"]},
+}
 
 
 def count_rows(path: Path) -> int:
@@ -105,7 +118,7 @@ def run_open_clip(a, env, data: Path, run_dir: Path, steps_per_epoch: int, seed:
         "--model", a.arch, "--batch-size", str(a.batch_size), "--epochs", str(a.epochs),
         "--lr", str(a.lr), "--wd", str(a.wd), "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--warmup", str(a.warmup), "--lr-scheduler", "cosine", "--grad-clip-norm", str(a.grad_clip),
-        "--seed", str(seed), "--workers", "1", "--device", "cpu", "--precision", "fp32",
+        "--seed", str(seed), "--workers", "1", "--device", "cpu", *SETTINGS[a.setting]["open_clip_train"],
         "--logs", str(logs), "--name", name, "--log-every-n-steps", "1",
         "--val-frequency", str(a.epochs),
         # one rolling checkpoint per epoch, as Lightning's default ModelCheckpoint keeps
@@ -147,7 +160,7 @@ def run_mmkit(a, env, data: Path, run_dir: Path, steps_per_epoch: int, seed: int
         "--trainer.check_val_every_n_epoch", str(a.epochs),
         "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
         "--trainer.callbacks+=bench_timing.EpochTimer", "--trainer.callbacks.path", str(timing),
-        *a.mmkit_arg,
+        *SETTINGS[a.setting]["mmkit"], *a.mmkit_arg,
     ]
     env = dict(env, PYTHONPATH=str(HERE))  # so the recipe can name bench_timing.EpochTimer
     usage = run_logged(cmd, env, run_dir.with_suffix(".console.log"), REPO)
@@ -172,7 +185,7 @@ def run_hand_loop(a, env, data: Path, run_dir: Path, steps_per_epoch: int, seed:
         "--arch", a.arch, "--batch-size", str(a.batch_size), "--epochs", str(a.epochs),
         "--lr", str(a.lr), "--wd", str(a.wd), "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--warmup", str(a.warmup), "--grad-clip", str(a.grad_clip), "--seed", str(seed),
-        "--workers", "1", "--threads", str(a.threads),
+        "--workers", "1", "--threads", str(a.threads), *SETTINGS[a.setting]["hand_loop"],
     ]
     usage = run_logged(cmd, env, run_dir.with_suffix(".console.log"), REPO)
     rec = json.loads((run_dir / "results.json").read_text())
@@ -322,6 +335,76 @@ def results_section(summary: dict, config: dict, runs: dict, command: str, machi
     ])
 
 
+def mfu_inputs(a) -> dict:
+    """FLOPs of one training step per sample (mmkit's count: forward and backward of both towers
+    and the loss, the same model for every trainer) and this CPU's matmul peak per precision at the
+    benchmark's thread count (the cached probe of mmkit.training.peak_flops)."""
+    import torch
+
+    from mmkit import CLIPPretrain
+    from mmkit.models import OpenCLIP
+    from mmkit.training.flops import training_flops_per_sample
+    from mmkit.training.peak_flops import peak_tflops
+
+    torch.set_num_threads(a.threads)
+    module = CLIPPretrain(OpenCLIP(a.arch), export_dir="")
+    module.configure_model()
+    size = module.model.preprocess_cfg.get("size", 64)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    context = module.model.model_cfg["text_cfg"].get("context_length", 77)
+    batch = {"images": torch.randn(a.batch_size, 3, size, size), "texts": torch.randint(0, 1000, (a.batch_size, context))}
+    flops = training_flops_per_sample(module, batch)
+    peaks = {p: peak_tflops(torch.device("cpu"), p) for p in ("32-true", "bf16-mixed")}
+    return {"flops_per_sample": flops, "peaks": peaks}
+
+
+def matrix_section(summary: dict, config: dict, runs: dict, command: str, machine: str, mfu: dict) -> str:
+    """One table row per (setting, trainer): samples/s, ratios and MFU; then each setting's full table."""
+    flops = mfu["flops_per_sample"]
+    peak = lambda st: mfu["peaks"]["bf16-mixed" if "bf16" in st else "32-true"][0]  # noqa: E731
+    lines = [
+        MATRIX_HEADING, "",
+        f"Command (written by the script; whole run {config['elapsed_min']:.0f} min):", "",
+        "```bash", command, "```", "", machine, "",
+        "The three trainers of benchmark 2 (same data, model, seeds, steps, optimizer, one loader worker, rotating order) "
+        "in each setting, with each trainer's own flags: open_clip_train `--precision amp_bf16` / `--torchcompile` "
+        "(the whole model), mmkit `--trainer.precision bf16-mixed` / `--model.init_args.compile true` (the towers), the "
+        "hand-written loop bf16 autocast / `torch.compile(model)`. Samples/s by the epoch timer (median over epochs after "
+        "the first, which holds compilation), median of the repeats (min–max). MFU = samples/s × "
+        f"{flops / 1e9:.3f} GFLOPs per sample (mmkit's count of one training step, forward + backward, the same model for "
+        f"all) ÷ this CPU's matmul peak at {config['threads']} thread(s): fp32 {mfu['peaks']['32-true'][0] * 1e3:.0f} "
+        f"GFLOP/s, bf16 {mfu['peaks']['bf16-mixed'][0] * 1e3:.0f} GFLOP/s ({mfu['peaks']['32-true'][1]}).", "",
+        "| setting | trainer | samples/s | MFU % | i2t R@1 % | t2i R@1 % | mmkit ÷ this trainer |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    fp32_mmkit = summary.get("fp32", {}).get("mmkit", {}).get("epoch_samples_per_sec", {}).get("median")
+    for st, by in summary.items():
+        mm = by["mmkit"]["epoch_samples_per_sec"]["median"]
+        for name in TRAINERS:
+            sps = by[name]["epoch_samples_per_sec"]
+            ratio = f"{mm / sps['median']:.2f}" if name != "mmkit" else (
+                f"({mm / fp32_mmkit:.2f}× fp32 mmkit)" if fp32_mmkit else "")
+            lines.append(f"| {st} | {LABELS[name]} | {fmt(sps)} | {100 * sps['median'] * flops / (peak(st) * 1e12):.1f} | "
+                         f"{fmt(by[name]['i2t_R@1'], 100)} | {fmt(by[name]['t2i_R@1'], 100)} | {ratio} |")
+    lines.append("")
+    best = max(summary, key=lambda st: summary[st]["mmkit"]["epoch_samples_per_sec"]["median"])
+    parts = []
+    for st, by in summary.items():
+        mm = by["mmkit"]["epoch_samples_per_sec"]["median"]
+        oc = mm / by["open_clip_train"]["epoch_samples_per_sec"]["median"]
+        hand = mm / by["hand_loop"]["epoch_samples_per_sec"]["median"]
+        parts.append(f"{st}: mmkit/open_clip_train {oc:.2f} (target ≥ 1.05: {'met' if oc >= 1.05 else '**missed**'}), "
+                     f"mmkit/hand loop {hand:.2f} (target ≥ 1.0: {'met' if hand >= 1.0 else '**missed**'})")
+    lines.append("Targets: " + "; ".join(parts) + ".")
+    if fp32_mmkit:
+        gain = summary[best]["mmkit"]["epoch_samples_per_sec"]["median"] / fp32_mmkit
+        lines.append(f"Best mmkit setting: {best}, {gain:.2f}× fp32 mmkit (target ≥ 1.3: {'met' if gain >= 1.3 else '**missed**'}).")
+    lines.append("")
+    for st, by in summary.items():
+        lines += [f"### Setting {st}", "", markdown(by, config), init_check(runs[st]), ""]
+    return "\n".join(lines)
+
+
 def smoke_data(data: Path, out: Path, batch_size: int) -> Path:
     """A few rows of the real CSVs: 4 steps per epoch, so the per-step medians have a step left."""
     target = out / "smoke_data"
@@ -348,6 +431,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for all (on a shared 2-core machine 1 avoids OpenMP oversubscription)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--settings", default="fp32",
+                    help=f"comma-separated, each run by all three trainers with their own flags: {', '.join(SETTINGS)}")
     ap.add_argument("--mmkit-arg", action="append", default=[],
                     help="extra `mmkit fit` argument for ablations, e.g. --mmkit-arg=--trainer.enable_progress_bar=false")
     ap.add_argument("--only", choices=("open_clip", "mmkit", "hand_loop"), default=None,
@@ -386,36 +471,48 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 
-    runs: dict[str, list[dict]] = {name: [] for name in TRAINERS}
+    settings = a.settings.split(",")
+    unknown = [x for x in settings if x not in SETTINGS]
+    if unknown:
+        sys.exit(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
+    runs: dict[str, dict[str, list[dict]]] = {st: {name: [] for name in TRAINERS} for st in settings}
     trainers = {"open_clip_train": run_open_clip, "mmkit": run_mmkit, "hand_loop": run_hand_loop}
     for r in range(a.repeats):
         # rotate the order: over 3 repeats each trainer runs once first, second and third
         order = [*TRAINERS[r % 3:], *TRAINERS[: r % 3]]
-        for name in order:
-            if a.only and not name.startswith(a.only):
-                continue
-            # Repeat r uses seed + r for every trainer: the same seed gives all the same initial
-            # weights (checked via res["init"]), different seeds show the run-to-run spread.
-            res = trainers[name](a, env, data, out / f"{name}_{r}", steps_per_epoch, a.seed + r)
-            res["seed"] = a.seed + r
-            res["non_train_s"] = res["wall_s"] - sum(e["seconds"] for e in res["epochs"])
-            res["load_avg_after"] = os.getloadavg()
-            runs[name].append(res)
-            brief = {k: res[k] for k in ("metrics", *SPEED, "non_train_s", "steps", "seed", "init", "load_avg_after")}
-            print(f"{name} run {r}: {json.dumps(brief)}", flush=True)
-            (out / "results.json").write_text(json.dumps({"config": config, "runs": runs}, indent=1))
+        for st in [*settings[r % len(settings):], *settings[: r % len(settings)]]:
+            a.setting = st
+            (out / st).mkdir(exist_ok=True)
+            for name in order:
+                if a.only and not name.startswith(a.only):
+                    continue
+                # Repeat r uses seed + r for every trainer: the same seed gives all the same initial
+                # weights (checked via res["init"]), different seeds show the run-to-run spread.
+                res = trainers[name](a, env, data, out / st / f"{name}_{r}", steps_per_epoch, a.seed + r)
+                res["seed"] = a.seed + r
+                res["non_train_s"] = res["wall_s"] - sum(e["seconds"] for e in res["epochs"])
+                res["load_avg_after"] = os.getloadavg()
+                runs[st][name].append(res)
+                brief = {k: res[k] for k in ("metrics", *SPEED, "non_train_s", "steps", "seed", "init", "load_avg_after")}
+                print(f"{st} {name} run {r}: {json.dumps(brief)}", flush=True)
+                (out / "results.json").write_text(json.dumps({"config": config, "runs": runs}, indent=1))
 
     if a.only:
         return
     config["elapsed_min"] = (time.perf_counter() - t0) / 60
-    summary = {name: summarise(rs) for name, rs in runs.items()}
+    summary = {st: {name: summarise(rs) for name, rs in by.items()} for st, by in runs.items()}
     (out / "results.json").write_text(json.dumps({"config": config, "runs": runs, "summary": summary}, indent=1))
     load_after = "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
-    section = results_section(summary, config, runs, command, machine_line(machine, load_after))
+    machine_text = machine_line(machine, load_after)
+    if settings == ["fp32"]:
+        heading, section = HEADING, results_section(summary["fp32"], config, runs["fp32"], command, machine_text)
+    else:
+        heading = MATRIX_HEADING
+        section = matrix_section(summary, config, runs, command, machine_text, mfu_inputs(a))
     (out / "summary.md").write_text(section)
     print(section)
     if not a.no_write:
-        write_section(RESULTS, HEADING, section)
+        write_section(RESULTS, heading, section)
         print(f"wrote {RESULTS}")
 
 
