@@ -131,7 +131,8 @@ def _forward_stats(q: Tensor, k: Tensor, tile: int, offset: int, with_cols: bool
 
 
 def _grad_sym(q: Tensor, k: Tensor, row: tuple[Tensor, Tensor], col: tuple[Tensor, Tensor], tile: int):
-    """``G @ k`` and ``G.T @ q`` for ``G = softmax_rows(L) + softmax_cols(L)``, ``L = q @ k.T``."""
+    """``(G - 2I) @ k`` and ``(G - 2I).T @ q`` for ``G = softmax_rows(L) + softmax_cols(L)``,
+    ``L = q @ k.T``: the gradient of both cross-entropies with respect to the logits."""
     acc = _acc_dtype(q.dtype)
     (row_max, row_log), (col_max, col_log) = row, col
     # exp(L - max - log_sum) = exp(L - max) / sum: a multiply instead of a second subtraction.
@@ -148,29 +149,33 @@ def _grad_sym(q: Tensor, k: Tensor, row: tuple[Tensor, Tensor], col: tuple[Tenso
             # the logits themselves, summed by a fused multiply-add.
             weights = torch.sub(logits, row_max[rows]).exp_().mul_(row_inv[rows])
             weights.addcmul_(logits.sub_(col_max[:, cols]).exp_(), col_inv[:, cols])
+            # The positives' -2 before rounding to the matmul dtype: a confident positive's
+            # weight is ~2 - tiny, and bf16 keeps 3 digits, so subtracting after rounding (or
+            # after the product) would lose the whole difference.
+            weights.diagonal(i0 - j0).sub_(2.0)
             weights = weights.to(q.dtype)
             _addmm_(g_k[rows], weights, k_j)
             _addmm_(g_q[cols], weights.T, q_i)
     return g_k, g_q
 
 
-def _grad_rows(q: Tensor, k: Tensor, row_max: Tensor, row_log: Tensor, tile: int):
-    """``P @ k`` and ``P.T @ q`` for ``P = softmax_rows(q @ k.T)``."""
+def _grad_rows(q: Tensor, k: Tensor, row_max: Tensor, row_log: Tensor, tile: int, offset: int):
+    """``(P - E) @ k`` and ``(P - E).T @ q`` for ``P = softmax_rows(q @ k.T)`` and ``E`` the
+    positives (row r, column ``offset + r``): the gradient of the cross-entropy w.r.t. the logits."""
     acc = _acc_dtype(q.dtype)
-    # P = diag(1/sum)·exp(L - max): the row factor goes on q and on the accumulated P @ k,
-    # O(tile·d) per block instead of a pass over the block.
     row_inv = (-row_log).exp()[:, None]
     p_k = torch.zeros(q.shape, dtype=acc, device=q.device)
     p_q = torch.zeros(k.shape, dtype=acc, device=q.device)
     for i0 in range(0, q.shape[0], tile):
         q_i, rows = q[i0 : i0 + tile], slice(i0, i0 + tile)
-        q_inv = q_i * row_inv[rows].to(q.dtype)
         for j0 in range(0, k.shape[0], tile):
             k_j = k[j0 : j0 + tile]
-            weights = (q_i @ k_j.T).to(acc).sub_(row_max[rows, None]).exp_().to(q.dtype)
+            weights = (q_i @ k_j.T).to(acc).sub_(row_max[rows, None]).exp_().mul_(row_inv[rows])
+            # The positives' -1 before rounding to the matmul dtype (see _grad_sym).
+            weights.diagonal(offset + i0 - j0).sub_(1.0)
+            weights = weights.to(q.dtype)
             _addmm_(p_k[rows], weights, k_j)
-            _addmm_(p_q[j0 : j0 + tile], weights.T, q_inv)
-        p_k[rows] *= row_inv[rows]
+            _addmm_(p_q[j0 : j0 + tile], weights.T, q_i)
     return p_k, p_q
 
 
@@ -215,28 +220,20 @@ class _TiledClipLoss(torch.autograd.Function):
             if ctx.symmetric:
                 x, y = all_image.to(dtype), all_text.to(dtype)
                 g_y, g_x = _grad_sym(_scaled(all_image, s_acc, dtype), y, stats[:2], stats[2:], tile)
-                x, y = x.to(acc), y.to(acc)
-                # d/dx = s·(G @ y - 2y); d/dy = G.T @ s·x - 2s·x; d/ds = <x, G @ y - 2y>.
-                # Subtracting the positives before the dot product keeps the cancellation
-                # elementwise, as accurate as the plain loss (the two sums nearly cancel).
-                g_y.sub_(y, alpha=2)
+                x = x.to(acc)
+                # d/dx = s·(G - 2I) @ y; d/dy = (G - 2I).T @ s·x; d/ds = <x, (G - 2I) @ y>. The
+                # positives are subtracted inside the blocks, before any rounding.
                 grad_s = (x * g_y).sum()
                 grad_x = g_y.mul_(s_acc * g)
-                grad_y = g_x.sub_(s_acc * x, alpha=2).mul_(g)
+                grad_y = g_x.mul_(g)
                 grads = (None, None, grad_x, grad_y, grad_s * g)
             else:
                 ri, rt = row_image.to(dtype), row_text.to(dtype)
                 ai, at = all_image.to(dtype), all_text.to(dtype)
-                n = ri.shape[0]
-                p_at, p_ri = _grad_rows(_scaled(row_image, s_acc, dtype), at, stats[0], stats[1], tile)  # image→text
-                p_ai, p_rt = _grad_rows(_scaled(row_text, s_acc, dtype), ai, stats[2], stats[3], tile)  # text→image
-                ri, rt, ai, at = ri.to(acc), rt.to(acc), ai.to(acc), at.to(acc)
-                p_at -= at[off : off + n]
-                p_ai -= ai[off : off + n]
+                p_at, p_ri = _grad_rows(_scaled(row_image, s_acc, dtype), at, stats[0], stats[1], tile, off)  # image→text
+                p_ai, p_rt = _grad_rows(_scaled(row_text, s_acc, dtype), ai, stats[2], stats[3], tile, off)  # text→image
+                ri, rt = ri.to(acc), rt.to(acc)
                 grad_s = (ri * p_at).sum() + (rt * p_ai).sum()
-                # The positives' -s·row term lands on columns [off, off + n).
-                p_ri[off : off + n] -= s_acc * ri
-                p_rt[off : off + n] -= s_acc * rt
                 grads = (s_acc * g * p_at, s_acc * g * p_ai, p_rt.mul_(g), p_ri.mul_(g), grad_s * g)
         inputs = (row_image, row_text, all_image, all_text, logit_scale)
         out = []
