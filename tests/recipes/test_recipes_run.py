@@ -12,7 +12,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from user_runs import MMKIT, RECIPES, REPO, run_to_exit
