@@ -58,6 +58,10 @@ class ProgressLog(L.Callback):
         self._last_printed = trainer.global_step  # a resumed run does not repeat its last line
         self._total = _max_steps(trainer)
 
+    def train_values_every(self, trainer: L.Trainer) -> int | None:
+        """The steps this callback prints the module's training values on (see log_cadence)."""
+        return (self.every_n_steps or trainer.log_every_n_steps) if self._active else None
+
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

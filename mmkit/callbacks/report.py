@@ -323,6 +323,10 @@ class RunReport(L.Callback):
         ckpts = [c for c in others if isinstance(c, Checkpoint)]
         trainer.callbacks = [c for c in others if not isinstance(c, Checkpoint)] + [self] + ckpts
 
+    def train_values_every(self, trainer: L.Trainer) -> int | None:
+        """The steps this callback records training values on, beside the loggers' (see log_cadence)."""
+        return self.every_n_steps
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

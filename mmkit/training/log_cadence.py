@@ -26,9 +26,14 @@ def is_last_training_step(trainer: L.Trainer) -> bool:
 def logs_step_values(trainer: L.Trainer | None, every_n_steps: int | None = None) -> bool:
     """Whether values of the training step just taken are wanted: after every ``every_n_steps``
     optimizer steps (default: the trainer's ``log_every_n_steps``, Lightning's own rule, so the
-    loggers write exactly these steps) and after the last one. Without a trainer (a module
-    driven by hand): always."""
+    loggers write exactly these steps), on the steps a callback reads them (a callback says so
+    with ``train_values_every(trainer) -> int | None``: ``ProgressLog``, ``RunReport``) and after
+    the last step. Without a trainer (a module driven by hand): always."""
     if trainer is None:
         return True
-    every = every_n_steps or trainer.log_every_n_steps
-    return trainer.global_step % every == 0 or is_last_training_step(trainer)
+    cadences = {every_n_steps or trainer.log_every_n_steps}
+    for callback in getattr(trainer, "callbacks", ()):
+        reader = getattr(callback, "train_values_every", None)
+        if callable(reader) and (n := reader(trainer)):
+            cadences.add(n)
+    return any(trainer.global_step % n == 0 for n in cadences) or is_last_training_step(trainer)

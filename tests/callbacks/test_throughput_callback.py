@@ -14,6 +14,9 @@ class FakeModule:
 
 class FakeTrainer:
     world_size = 2
+    log_every_n_steps = 1  # every step is a logged one (mmkit.training.log_cadence)
+    global_step = 0
+    callbacks = ()
 
 
 def test_rolling_window_skips_warmup_and_validation_gaps():

@@ -147,6 +147,7 @@ def fit(run: str, out: Path) -> dict:
         max_epochs=2, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, limit_val_batches=0,
         logger=False, enable_checkpointing=run == "fsdp", enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=callbacks, default_root_dir=out / run,
+        log_every_n_steps=1,  # Record reads train/ewc_loss after every step
     )
     result: dict = {"world": trainer.world_size}
     ckpt = None

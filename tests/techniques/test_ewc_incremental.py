@@ -44,7 +44,9 @@ def _trainer(tmp_path, max_epochs, callbacks=(), **kw):
         accelerator="cpu", devices=1, max_epochs=max_epochs, reload_dataloaders_every_n_epochs=1,
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=tmp_path, callbacks=list(callbacks),
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kw,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        log_every_n_steps=kw.pop("log_every_n_steps", 1),  # _EWCLossPerEpoch reads train values after every step
+        **kw,
     )
 
 
