@@ -1,11 +1,12 @@
 """On which training steps mmkit produces its per-step values (losses, temperature, lr, throughput).
 
 Lightning writes step values to the loggers every ``log_every_n_steps`` batches and drops the rest,
-yet every ``self.log`` call costs host time (~0.3 ms of Python on this project's CPU, more with
-several of them per step) and, for a device tensor, a copy the progress bar or a report then
-waits on. mmkit therefore logs its per-step values only on the steps that are written, plus the
-last training step so a finished run always holds its final values. The progress lines
-(``ProgressLog``) and the run report read ``trainer.callback_metrics`` on the same steps.
+yet every ``self.log`` call costs host time (~1 ms of Python on this project's CPU, measured by
+benchmarks/step_overhead.py) and, for a device tensor, a copy the progress bar or a report then
+waits on. mmkit therefore logs its per-step values only on the steps that are written, on the
+steps a callback reads them from ``trainer.callback_metrics`` (``ProgressLog``, ``RunReport``:
+each declares ``train_values_every``), and on the last training step, so a finished run always
+holds its final values.
 """
 
 from __future__ import annotations

@@ -125,6 +125,7 @@ def peak_tflops(device: torch.device, precision) -> tuple[float | None, str]:
         return gpu_peak_tflops(name, sixteen_bit), f"{name} table, {'16-bit' if sixteen_bit else 'fp32'}"
     if device.type == "cpu":
         value, cached = cpu_peak_tflops(sixteen_bit)
-        where = f"cached in {cache_file()}" if cached else "the machine was busy: not cached, measured again next run"
+        where = (f"cached in {cache_file()}" if cached
+                 else "not cached: the machine was busy or the cache is not writable; measured again next run")
         return value, f"CPU matmul probe ({where})"
     return None, f"no peak known for {device.type} devices"
