@@ -7,6 +7,7 @@ and behave identically on one process (where every helper is the identity).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -15,6 +16,26 @@ import torch.distributed as dist
 from torch import Tensor
 
 _local_only_depth = 0  # > 0 inside ``local_only()``
+_group_ends_at_exit = False
+
+
+def destroy_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, if it is still there.
+
+    Lightning keeps the group after ``fit`` (a ``test`` may follow), and a gloo group still alive
+    when Python finalizes can abort the process ("terminate called without an active exception",
+    pytorch/pytorch#190489): a finished run would exit with SIGABRT about half the time. An
+    ``atexit`` hook runs while the interpreter is still whole. Registered once, from mmkit's
+    modules' and data modules' ``setup``."""
+    global _group_ends_at_exit
+    if not _group_ends_at_exit:
+        atexit.register(_destroy_group_if_alive)
+        _group_ends_at_exit = True
+
+
+def _destroy_group_if_alive() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_from_flag(choice: str) -> torch.device:

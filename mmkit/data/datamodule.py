@@ -86,6 +86,9 @@ class ImageTextDataModule(L.LightningDataModule):
         self.train_sampler: DistributedBatchSampler | None = None
         self._pending_state: dict[str, Any] | None = None
 
+    def setup(self, stage: str) -> None:
+        distributed.destroy_group_at_exit()  # a data-only user's run also exits cleanly
+
     def set_preprocessing(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
 

@@ -184,6 +184,7 @@ class TaskStreamDataModule(ImageTextDataModule):
 
     # -- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage != "fit":
             return  # validate/test/predict build the split only if they need it
         train, _ = self._tasks()

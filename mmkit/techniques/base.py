@@ -202,6 +202,7 @@ class DualEncoderModule(L.LightningModule):
         # A strategy that would build this module wrongly (Lightning's own DeepSpeedStrategy) is
         # refused with an error naming mmkit's. A subclass must call super().setup(stage).
         check_strategy(self.trainer.strategy)
+        D.destroy_group_at_exit()
 
     def configure_model(self) -> None:
         # Idempotent: Lightning may call it more than once, and the model may be built earlier.
