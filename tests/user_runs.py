@@ -31,3 +31,14 @@ def run_to_exit(cmd: list[str], cwd: Path, timeout: float, env: dict | None = No
     if proc.returncode != 0:
         pytest.fail(f"exit status {proc.returncode}: {' '.join(cmd)}\n...{out[-4000:]}")
     return out
+
+
+def short_default_run(steps: int, val_every: int, eval_size: int, batch: int) -> list[str]:
+    """CLI overrides that shrink recipes/default.yaml's run to a few steps and small eval splits
+    (tests deviate from the shipped sizes only to finish quickly), progress bar off for logs."""
+    return [
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every),
+        "--data.init_args.val.init_args.size", str(eval_size), "--data.init_args.test.init_args.size", str(eval_size),
+        "--data.init_args.batch_size", str(batch), "--data.init_args.eval_batch_size", str(batch),
+        "--trainer.enable_progress_bar", "false",
+    ]

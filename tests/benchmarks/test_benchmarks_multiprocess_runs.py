@@ -9,16 +9,11 @@ import sys
 import pytest
 import yaml
 from bench_data import karpathy_file
-from user_runs import MMKIT, RECIPES, run_to_exit
+from user_runs import MMKIT, RECIPES, run_to_exit, short_default_run
 
 pytestmark = pytest.mark.slow
 
-SHORT = [
-    "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
-    "--data.init_args.val.init_args.size", "32", "--data.init_args.test.init_args.size", "32",
-    "--data.init_args.batch_size", "16", "--data.init_args.eval_batch_size", "16",
-    "--trainer.enable_progress_bar", "false",
-]
+SHORT = short_default_run(4, 4, 32, 16)  # steps, val every, eval rows, batch
 
 
 def test_ddp_callback_and_torchrun_command_equal_one_process(tmp_path):

@@ -10,17 +10,12 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from user_runs import MMKIT, RECIPES, REPO, run_to_exit
+from user_runs import MMKIT, RECIPES, REPO, run_to_exit, short_default_run
 
 pytestmark = pytest.mark.slow
 
 # Shorter and smaller than shipped (the test budget); nothing else deviates from the recipe.
-SHORT = [
-    "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-    "--data.init_args.val.init_args.size", "64", "--data.init_args.test.init_args.size", "64",
-    "--data.init_args.batch_size", "32", "--data.init_args.eval_batch_size", "32",
-    "--trainer.enable_progress_bar", "false",
-]
+SHORT = short_default_run(4, 2, 64, 32)  # steps, val every, eval rows, batch
 
 
 def _check_default_run(run) -> None:
