@@ -75,9 +75,16 @@ def start(run: Path, *args: str, env: dict[str, str] | None = None) -> subproces
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmkit.cli", "fit", "--config", str(run / "recipe.yaml"), *args],
         cwd=run, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     proc.log_path = Path(log.name)  # type: ignore[attr-defined]
     return proc
+
+
+def _default_sigint() -> None:
+    # pytest started in the background of a non-interactive shell has SIGINT ignored (POSIX), the
+    # run would inherit that and Python keeps it: give the run the disposition Ctrl+C meets.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def output(proc: subprocess.Popen) -> str:
