@@ -19,6 +19,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mmkit.file_modes import give_usual_mode
 
@@ -40,9 +41,25 @@ class CSVLogger(LightningCSVLogger):
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            writer = _ContinuingWriter if self.resuming else ExperimentWriter
+            writer = _ContinuingWriter if self.resuming else _NewRunWriter
             self._experiment = writer(log_dir=self.log_dir)
         return self._experiment
+
+
+class _NewRunWriter(ExperimentWriter):
+    """Lightning's writer, warning only when it replaces an earlier run's ``metrics.csv``.
+
+    Lightning's warns whenever the folder is not empty ("Previous log files ... will be deleted"),
+    which mmkit's own run files (the run lock, the saved config) make true of every fresh run; it
+    only ever deletes ``metrics.csv``."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            rank_zero_warn(
+                f"mmkit: {self.metrics_file_path} holds an earlier run's metrics; this run replaces them "
+                "(continue that run with --ckpt_path last, or give this one its own folder with "
+                "--trainer.default_root_dir)")
+            self._fs.rm_file(self.metrics_file_path)
 
 
 class _ContinuingWriter(ExperimentWriter):

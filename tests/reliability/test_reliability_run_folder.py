@@ -185,8 +185,26 @@ def test_a_resumed_logger_keeps_old_rows_drops_those_it_logs_again_and_widens_th
     assert metrics.read_text().splitlines()[0] == "epoch,step,train/loss,train/new,val/loss"
     assert len(metrics.read_text().splitlines()) == 6 and not list(tmp_path.glob(".*.tmp"))
 
-    fresh = CSVLogger(tmp_path, name="", version="")  # not resuming: Lightning's behaviour
-    with pytest.warns(UserWarning, match="will be deleted"):
+    fresh = CSVLogger(tmp_path, name="", version="")  # not resuming: the file is replaced, with a warning
+    with pytest.warns(UserWarning, match="this run replaces them"):
         fresh.log_metrics({"x": 1.0}, step=0)
     fresh.save()
     assert metrics.read_text().splitlines() == ["step,x", "0,1.0"]
+
+
+def test_a_new_run_warns_only_when_it_replaces_an_earlier_runs_metrics(tmp_path):
+    import warnings
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / run_lock.LOCK_NAME).write_text("{}")  # mmkit's own files of this run: not "previous logs"
+    (folder / "config.yaml").write_text("seed_everything: 0\n")
+    with warnings.catch_warnings(record=True) as fresh:
+        warnings.simplefilter("always")
+        CSVLogger(save_dir=str(folder), name="", version="").experiment
+    assert not [w for w in fresh if "metrics" in str(w.message) or "not empty" in str(w.message)], fresh
+
+    (folder / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    with pytest.warns(UserWarning, match=r"metrics.csv holds an earlier run's metrics; this run replaces them"):
+        CSVLogger(save_dir=str(folder), name="", version="").experiment
+    assert not (folder / "metrics.csv").exists()  # replaced from the new run's first save on
