@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -88,8 +89,18 @@ def load_encoder(model: str, pretrained: str | None, configs: list[str], overrid
                 "or mmkit_dual_encoder.json in it)")
         spec = OpenCLIP(arch=f"local-dir:{path}")
     else:
+        if _random_weights(model, pretrained):
+            warnings.warn(f"mmkit benchmark: --model {model} without --pretrained scores randomly initialised "
+                          "weights (give --pretrained TAG or FILE, or a checkpoint or export as --model)", stacklevel=2)
         spec = OpenCLIP(arch=model, pretrained=pretrained)
     return BenchmarkEncoder(spec.build().to(device), spec.preprocessing, device)
+
+
+def _random_weights(model: str, pretrained: str | None) -> bool:
+    # An open_clip architecture with no weights named; hf-hub: models bring their own.
+    path = Path(model)
+    return (pretrained is None and not model.startswith("hf-hub:") and path.suffix not in (".ckpt", ".yaml", ".yml")
+            and not path.is_dir())
 
 
 @contextlib.contextmanager
@@ -131,6 +142,8 @@ def benchmark(argv: list[str]) -> dict:
             encoder.context = lambda: torch.autocast("cuda", dtype=PRECISIONS[args.precision])
         results = run_benchmarks(benchmarks, encoder)
         name = args.model + (f" (pretrained {args.pretrained})" if args.pretrained else "")
+        if _random_weights(args.model, args.pretrained):
+            name += " (random weights)"
         if not dist.is_initialized() or dist.get_rank() == 0:
             json_path, _ = write_results(results, args.out, name)
             print(markdown(results, name))

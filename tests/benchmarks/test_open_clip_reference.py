@@ -54,3 +54,13 @@ def test_open_clip_pretrained_equals_open_clip_zero_shot(tmp_path):
     with encoder.evaluating():
         torch.testing.assert_close(bench.classifier(encoder), classifier.T, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(encode_images(encoder, data.images, 8, 0, "shapes"), image_features, rtol=1e-4, atol=1e-5)
+
+
+def test_an_architecture_without_weights_is_named_random_in_warning_and_results(tmp_path):
+    root = image_folder(tmp_path / "folder", n=6)
+    (tmp_path / "bench.yaml").write_text(json.dumps({"benchmarks": [
+        {"task": "zeroshot_classification", "name": "shapes", "images": str(root), "templates": "openai_imagenet"}]}))
+    with pytest.warns(UserWarning, match=r"without --pretrained scores randomly initialised weights"):
+        assert command(["benchmark", "--model", TINY_ARCH, "--benchmarks", str(tmp_path / "bench.yaml"),
+                        "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["model"].endswith("(random weights)")
