@@ -79,6 +79,7 @@ class Throughput(L.Callback):
         self._ends: deque[float] = deque(maxlen=window + 1)
         self._samples: deque[int] = deque(maxlen=window)
         self._clock = time.perf_counter  # replaceable in tests
+        self._validation_began = 0.0
 
     def _restart_window(self) -> None:
         self._ends.clear()
@@ -106,8 +107,13 @@ class Throughput(L.Callback):
             print(f"mmkit: {self.flops_per_sample / 1e9:.4g} GFLOPs per training sample; peak per device {shown}")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Validation time between two train batches is not training time.
-        self._restart_window()
+        self._validation_began = self._clock()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation time between two train batches is not training time: move the window's
+        # timestamps past it, so the window stays full (a restart would log one-step rates).
+        gap = self._clock() - self._validation_began
+        self._ends = deque((t + gap for t in self._ends), maxlen=self._ends.maxlen)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -116,7 +122,7 @@ class Throughput(L.Callback):
         self._seen += 1
         if self._seen <= self.warmup:
             return
-        # The first end after warm-up (or validation) only opens the window; it has no interval.
+        # The first end after warm-up only opens the window; it has no interval.
         if self._ends:
             self._samples.append(batch_size_of(batch))
         self._ends.append(now)

@@ -21,7 +21,7 @@ class FakeTrainer:
 
 def test_rolling_window_skips_warmup_and_validation_gaps():
     cb = Throughput(window=2, warmup=1)
-    times = iter([0.0, 1.0, 2.0, 4.0, 5.0, 100.0, 101.0])
+    times = iter([0.0, 1.0, 2.0, 4.0, 5.0, 5.5, 95.5, 96.5])
     cb._clock = lambda: next(times)
     module, trainer, batch = FakeModule(), FakeTrainer(), {"images": torch.zeros(4, 3)}
     cb.on_train_epoch_start(trainer, module)
@@ -38,9 +38,10 @@ def test_rolling_window_skips_warmup_and_validation_gaps():
     assert step() == pytest.approx({"train/samples_per_sec": 16 / 3, "train/step_time": 1.5})
     # The window holds the last 2 batches only: ends at 2, 4, 5.
     assert step() == pytest.approx({"train/samples_per_sec": 16 / 3, "train/step_time": 1.5})
-    cb.on_validation_start(trainer, module)
-    assert step() == {}  # t=100: the validation gap is not counted
-    assert step() == {"train/samples_per_sec": 8.0, "train/step_time": 1.0}
+    cb.on_validation_start(trainer, module)  # t=5.5
+    cb.on_validation_end(trainer, module)  # t=95.5: 90 s of validation
+    # t=96.5: the validation gap is not counted, and the window is still full (ends 4, 5, 6.5 net).
+    assert step() == pytest.approx({"train/samples_per_sec": 16 / 2.5, "train/step_time": 1.25})
 
 
 def test_batch_size_of():
