@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmkit.models.attention_kernels import attention_kernels, image_tokens, text_tokens
 from mmkit.models.freezing import is_fully_frozen, lock_tower
 from mmkit.models.heads import MLPSimilarityHead
 
@@ -61,11 +62,13 @@ class DualEncoder(nn.Module):
         weight = next(self.parameters(), None)
         if weight is not None and images.is_floating_point() and images.dtype != weight.dtype:
             images = images.to(weight.dtype)
-        f = self._encode_image(images)
+        with attention_kernels(image_tokens(self.image_tower, images), weight):
+            f = self._encode_image(images)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_text(self, texts, normalize: bool = True) -> Tensor:
-        f = self._encode_text(texts)
+        with attention_kernels(text_tokens(texts), next(self.parameters(), None)):
+            f = self._encode_text(texts)
         return F.normalize(f, dim=-1) if normalize else f
 
     def forward(self, images: Tensor | None, texts=None) -> dict[str, Tensor]:
