@@ -7,7 +7,8 @@ softmax, a matmul): 17 tokens 13.3 vs 2.5 ms, 50 tokens 48.9 vs 28.3 ms, 77 toke
 but 197 tokens 79.7 vs 96.6 ms and 577 tokens 206 vs 306 ms; in float32 the fused kernel is as fast
 or faster at every length. So a tower running in bfloat16 on the CPU (autocast, or bf16 weights)
 with at most ``MATH_MAX_TOKENS`` tokens runs its attention with the math kernel; everything else
-keeps torch's choice. A whole mmkit-tiny training step in bf16: 360 → 266 ms.
+keeps torch's choice. A whole mmkit-tiny training step in bf16: 430 → 311 ms
+(benchmarks/attention_kernels.py, results in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
