@@ -14,7 +14,7 @@ from dist_utils import free_port
 ROUNDS = 10  # at the measured rate, the old code passes all ten with probability < 1e-3
 
 
-def _rank_leaves_group_alive(rank: int, port: int, register: bool) -> None:
+def _rank_leaves_group_alive(rank: int, port: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -22,8 +22,7 @@ def _rank_leaves_group_alive(rank: int, port: int, register: bool) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    if register:
-        destroy_group_at_exit()
+    destroy_group_at_exit()
     for _ in range(20):  # work in flight on gloo's threads, as a training run leaves it
         dist.all_reduce(torch.randn(1000))
         dist.all_gather([torch.empty(3), torch.empty(3)], torch.ones(3))
@@ -34,7 +33,7 @@ def _rank_leaves_group_alive(rank: int, port: int, register: bool) -> None:
 def test_processes_that_leave_their_group_alive_exit_cleanly():
     codes = []
     for _ in range(ROUNDS):
-        ctx = mp.start_processes(_rank_leaves_group_alive, args=(free_port(), True), nprocs=2, start_method="spawn",
+        ctx = mp.start_processes(_rank_leaves_group_alive, args=(free_port(),), nprocs=2, start_method="spawn",
                                  join=False)
         for p in ctx.processes:
             p.join(timeout=120)
