@@ -75,10 +75,9 @@ def val_r1(rows: dict[int, dict]) -> str:
     return ", ".join(f"{s + 1}: {100 * r['val/i2t_R@1']:.1f}/{100 * r['val/t2i_R@1']:.1f}" for s, r in points)
 
 
-def window_gaps(rows: dict[int, dict], ref: dict[int, float], steps: int) -> tuple[list[float], float]:
-    """Mean relative gap of a run's smoothed loss to the reference curve in each 100-step window,
-    and the largest single gap."""
-    curve = smoothed(rows)
+def window_gaps(curve: dict[int, float], ref: dict[int, float], steps: int) -> tuple[list[float], float]:
+    """Mean relative gap of a run's smoothed loss to the (smoothed) reference curve in each 100-step
+    window, and the largest single gap."""
     gaps = {s: (curve[s] - ref[s]) / ref[s] for s in sorted(set(curve) & set(ref))}
     windows = [[g for s, g in gaps.items() if lo <= s < lo + 100] for lo in range(0, steps, 100)]
     return [sum(w) / len(w) for w in windows if w], max(map(abs, gaps.values()))
@@ -120,13 +119,13 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     by_setting: dict[str, list[list[float]]] = {}
+    curves = {key: smoothed(rows) for key, rows in runs.items()}
     for (seed, name), rows in runs.items():
-        ref = smoothed(runs[(seed, "fp32")])
-        means, largest = window_gaps(rows, ref, a.steps)
+        final = curves[(seed, name)]
+        means, largest = window_gaps(final, curves[(seed, "fp32")], a.steps)
         if name != "fp32":
             by_setting.setdefault(name, []).append(means)
         last = max(s for s in rows if "train/temperature" in rows[s])
-        final = smoothed(rows)
         lines.append(f"| {seed} | {name} | {', '.join(f'{100 * m:+.2f}' for m in means)} | {100 * largest:.2f} | "
                      f"{final[max(final)]:.4f} | {rows[last]['train/temperature']:.4f} | {val_r1(rows)} |")
     lines += ["", "| run | mean gap over seeds % by window (min … max) | within band |", "| --- | --- | --- |"]
